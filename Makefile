@@ -1,0 +1,55 @@
+# cluster_glip: every command a person needs, each doing its own set-up on a fresh machine.
+#   make demo   a short CPU run of the package's main job; prints where its outputs went
+#   make test   notebooks and library in step, notebook tests, then pytest
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+STAMP := $(VENV)/.installed
+CONSTRAINTS := .ci/constraints.txt
+# Cells flagged with these run only where the hardware exists (settings.ini: tst_flags).
+GPU_FLAGS := $(shell [ -x $(PY) ] && $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
+
+.PHONY: install test check-sync nbtest pytest demo clean-nbs docs
+
+$(STAMP): setup.py settings.ini $(CONSTRAINTS)
+	[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+## The notebooks are the source: exporting and cleaning them must leave the tree exactly as committed.
+check-sync: install
+	@before=$$(git status --porcelain -uall; git diff | sha1sum); \
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean; \
+	after=$$(git status --porcelain -uall; git diff | sha1sum); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev_export / nbdev_clean changed the tree: notebooks and library are out of step (commit their output):"; \
+	  git status --porcelain -uall; git --no-pager diff --stat; exit 1; \
+	fi; echo "notebooks and library in step; notebooks clean"
+
+nbtest: install
+	@if [ -z "$(GPU_FLAGS)" ]; then \
+	  echo "no GPU here: cells flagged 'cuda' are skipped:"; \
+	  for nb in $$(grep -rlE '"#\| *cuda' nbs --include='*.ipynb' || true); do \
+	    echo "  SKIPPED $$(grep -cE '"#\| *cuda' $$nb) cuda cell(s) in $$nb"; done; \
+	fi
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags '$(GPU_FLAGS)' --skip_folder_re '^(_|\.|experiments$$)'
+
+pytest: install
+	$(BIN)/python -m pytest tests -q -rs
+
+test: check-sync nbtest pytest
+
+demo: install
+	$(PY) -m cluster_glip.demo
+
+clean-nbs: install
+	$(BIN)/nbdev_clean
+
+# Needs Quarto (the GitHub deploy workflow has it); not available on the CPU development machines.
+docs: install
+	$(BIN)/nbdev_docs
