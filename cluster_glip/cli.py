@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'usage', 'main']
 
-# %% ../nbs/09_cli.ipynb #889758dc
+# %% ../nbs/09_cli.ipynb #4c260b23
 import importlib, sys
 
-# %% ../nbs/09_cli.ipynb #1d7228ba
+# %% ../nbs/09_cli.ipynb #bae1ac93
 COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` function
     'synth': ('cluster_glip.data:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
