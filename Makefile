@@ -8,8 +8,6 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
-# Cells flagged with these run only where the hardware exists (settings.ini: tst_flags).
-GPU_FLAGS := $(shell [ -x $(PY) ] && $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
 
 .PHONY: install test check-sync nbtest pytest demo clean-nbs docs
 
@@ -31,13 +29,16 @@ check-sync: install
 	  git status --porcelain -uall; git --no-pager diff --stat; exit 1; \
 	fi; echo "notebooks and library in step; notebooks clean"
 
+# Cells flagged `cuda` (settings.ini: tst_flags) run only where a GPU exists; elsewhere the skip is listed.
 nbtest: install
-	@if [ -z "$(GPU_FLAGS)" ]; then \
+	@flags=$$($(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')"); \
+	if [ -z "$$flags" ]; then \
 	  echo "no GPU here: cells flagged 'cuda' are skipped:"; \
 	  for nb in $$(grep -rlE '"#\| *cuda' nbs --include='*.ipynb' || true); do \
 	    echo "  SKIPPED $$(grep -cE '"#\| *cuda' $$nb) cuda cell(s) in $$nb"; done; \
-	fi
-	$(BIN)/nbdev_test --n_workers 2 --timing --flags '$(GPU_FLAGS)' --skip_folder_re '^(_|\.|experiments$$)'
+	fi; \
+	echo "nbdev_test --flags '$$flags'"; \
+	$(BIN)/nbdev_test --n_workers 2 --timing --flags "$$flags" --skip_folder_re '^(_|\.|experiments$$)'
 
 pytest: install
 	$(BIN)/python -m pytest tests -q -rs
