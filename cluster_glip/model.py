@@ -7,7 +7,7 @@ __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'pos
            'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
            'create_model', 'patch_slice', 'forward_gflops']
 
-# %% ../nbs/01_model.ipynb #afa33122
+# %% ../nbs/01_model.ipynb #02b29141
 import math, os
 from dataclasses import asdict
 from importlib.resources import files
@@ -20,6 +20,7 @@ from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from .masking import Kept, PatchMasker
 

@@ -189,3 +189,12 @@ def test_kept_for_another_batch_is_refused():
     model = tiny(PatchMasker('random', 0.5, patch_size=8)).train()
     kept = model.plan_mask(IMAGES[:2])
     with pytest.raises(ValueError, match='plan it with model.plan_mask'): model.encode_image(IMAGES, kept=kept)
+
+
+def test_forward_gflops_counts_the_kept_tokens_only():
+    "The library's FLOP count on a tiny model: 1 + K tokens, the closed form of a ViT, text tower unchanged by masking."
+    from cluster_glip.model import forward_gflops
+    full, half = forward_gflops('tiny-vit-64'), forward_gflops('tiny-vit-64', ratio=0.5)
+    assert (full['tokens'], half['tokens']) == (65, 33) and full['text'] == half['text']
+    closed_form = lambda n: (4 * (24 * n * 128 ** 2 + 4 * n ** 2 * 128) + 2 * 64 * 3 * 8 ** 2 * 128 + 2 * 128 * 128) / 1e9
+    assert abs(half['image'] - closed_form(33)) < 1e-9 and abs(full['image'] - closed_form(65)) < 1e-9
