@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'PHOTOS', 'CLIP_MEAN', 'CLIP_STD', 'NORMALIZATIONS', 'CLUSTER_DEFAULTS', 'RELEASED', 'check_ratio',
-           'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy', 'register',
-           'resolve_strategy', 'all_patches', 'mask_patches', 'keep_indices', 'no_mask', 'random_mask',
+__all__ = ['STRATEGIES', 'PHOTOS', 'CLIP_MEAN', 'CLIP_STD', 'NORMALIZATIONS', 'CLUSTER_DEFAULTS', 'RELEASED', 'BENCHMARK_CONFIGS',
+           'check_ratio', 'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy',
+           'register', 'resolve_strategy', 'all_patches', 'mask_patches', 'keep_indices', 'no_mask', 'random_mask',
            'check_positive', 'gaussian_prior', 'gaussian_mask', 'keep_frequency', 'count_components', 'visible_mask',
            'mask_stats', 'example_photos', 'to_rgb', 'show_mask', 'patch_features', 'anchor_count', 'fusion_weight',
            'cosine_rows', 'anchor_similarity', 'draw_anchors', 'trim_clusters', 'paper_budget', 'masked_fraction',
            'bisect_threshold', 'check_choice', 'check_cluster', 'cluster_mask', 'calibrate_threshold', 'kmeans_assign',
-           'kmeans', 'check_kmeans', 'kmeans_mask', 'attention_mask', 'check_block', 'block_mask', 'PatchMasker']
+           'kmeans', 'check_kmeans', 'kmeans_mask', 'attention_mask', 'check_block', 'block_mask', 'PatchMasker',
+           'benchmark_masking']
 
 # %% ../nbs/00_masking.ipynb #aa6dfbc4
 def check_ratio(ratio, name: str = 'mask ratio'):
@@ -586,3 +587,59 @@ class PatchMasker(nn.Module):
         params = ''.join(f', {k}={v!r}' for k, v in self.params.items())
         return f'{self.strategy!r}, ratio={self.ratio}, patch_size={self.patch_size}{params}' + (
             ', masked_inference=True' if self.masked_inference else '')
+
+# %% ../nbs/00_masking.ipynb #2cea0d93
+BENCHMARK_CONFIGS = (('random', {}), ('gaussian', {}), ('cluster', {}), ('cluster', {'features': 'fused'}),
+                     ('cluster', {'threshold': 0.7}), ('released', {}), ('kmeans', {}), ('attention', {}), ('block', {}))
+
+def benchmark_masking(batch: int = 256, image_size: int = 224, patch_size: int = 16, device=None, *, ratio: float = 0.5,
+                      step_batch: int | None = None, repeats: int = 3, model: str = 'ViT-B-16',
+                      configs=BENCHMARK_CONFIGS) -> dict:
+    "Time mask generation per strategy and print it as a fraction of one `model` training step on the same device."
+    import open_clip
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    step_batch = step_batch or (batch if device.type == 'cuda' else 4)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    def seconds(fn, times=repeats):  # median over `times` runs after a warm-up run
+        fn(); sync()
+        runs = []
+        for _ in range(times):
+            start = time.perf_counter(); fn(); sync(); runs.append(time.perf_counter() - start)
+        return sorted(runs)[len(runs) // 2]
+
+    generator = torch.Generator(device).manual_seed(0)
+    coarse = torch.randn(batch, 3, image_size // 8, image_size // 8, generator=generator, device=device)
+    pixels = F.interpolate(coarse, size=image_size, mode='bilinear', align_corners=False)             # [B, 3, S, S]
+    pixels = pixels + 0.1 * torch.randn(pixels.shape, generator=generator, device=device)
+    n = (image_size // patch_size) ** 2
+    tokens = torch.randn(batch, n, 768, generator=generator, device=device)                           # [B, L, D]
+    attention = torch.rand(batch, n, generator=generator, device=device)                               # [B, L]
+    rows = []
+    for name, params in configs:
+        run = lambda with_stats: mask_patches(pixels, name, ratio, patch_size, tokens=tokens, generator=generator,
+                                              cls_attention=lambda: attention, with_stats=with_stats, **params)
+        mask, total = seconds(lambda: run(False)), seconds(lambda: run(True))
+        rows.append({'strategy': name, **params, 'mask_s': mask, 'stats_s': max(0.0, total - mask)})
+
+    net = open_clip.create_model(model, device=device, output_dict=True).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    images = torch.randn(step_batch, 3, image_size, image_size, generator=generator, device=device)
+    texts = torch.randint(0, 49408, (step_batch, 77), generator=generator, device=device)
+    labels = torch.arange(step_batch, device=device)
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            out = net(images, texts)
+            logits = out['logit_scale'] * out['image_features'] @ out['text_features'].T                # [b, b]
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+    step_s = seconds(step, 1 if device.type == 'cpu' else repeats) * batch / step_batch  # a CPU step takes minutes
+    del net, optimizer
+
+    print(f'{model} training step on {device} ({"scaled from " + str(step_batch) + " images" if step_batch != batch else "measured"}): '
+          f'{step_s:.2f} s for {batch} images; masking at ratio {ratio}:')
+    for row in rows:
+        label = row['strategy'] + ''.join(f' {k}={v}' for k, v in row.items() if k not in ('strategy', 'mask_s', 'stats_s'))
+        row['fraction'], row['fraction_with_stats'] = row['mask_s'] / step_s, (row['mask_s'] + row['stats_s']) / step_s
+        print(f'  {label:<28} {1e3 * row["mask_s"]:9.1f} ms = {row["fraction"]:7.2%} of a step'
+              f'   (+ statistics {1e3 * row["stats_s"]:8.1f} ms: {row["fraction_with_stats"]:7.2%})')
+    return {'device': str(device), 'batch': batch, 'step_batch': step_batch, 'step_s': step_s, 'rows': rows}
