@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
            'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
-           'create_model', 'patch_slice', 'forward_gflops']
+           'create_model', 'patch_slice', 'kept_rows', 'forward_gflops']
 
 # %% ../nbs/01_model.ipynb #02b29141
 import math, os
@@ -236,7 +236,12 @@ def patch_slice(index: int, grid_width: int, patch_size: int) -> tuple[slice, sl
     row, col = divmod(int(index), grid_width)
     return slice(row * patch_size, (row + 1) * patch_size), slice(col * patch_size, (col + 1) * patch_size)
 
-# %% ../nbs/01_model.ipynb #162e9ff2
+# %% ../nbs/01_model.ipynb #9fdbabe6
+def kept_rows(kept: Kept, rows: slice | Tensor) -> Kept:
+    "The plan for a sub-batch: `kept`'s `rows` (a slice or index tensor), same `K`, the whole batch's `stats`."
+    return Kept(indices=kept.indices[rows], padding=None if kept.padding is None else kept.padding[rows], stats=kept.stats)
+
+# %% ../nbs/01_model.ipynb #3cb51f3a
 def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: int | None = None) -> dict:
     "Forward GFLOPs per sample of model `name` (image tower at `image_size` px keeping `keep_count(L, ratio)` patches, text tower)."
     with torch.device('meta'): model = create_model(name)
