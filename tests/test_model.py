@@ -213,6 +213,8 @@ def test_attention_strategy_gets_the_class_attention_of_a_full_forward():
     (dict(name='coca_ViT-B-32'), 'attentional pooling'),
     (dict(name='tiny-vit-32', masker=PatchMasker('random', 0.5, patch_size=16)), 'patch_size=8'),
     (dict(name='tiny-vit-32', precision='fp8'), 'precision must be'),
+    (dict(name='tiny-vit-32', vision_cfg=dict(open_clip.get_model_config('tiny-vit-32')['vision_cfg'], patch_dropout=0.5)),
+     "PatchMasker\\('random', ratio\\)"),
     (dict(name='tiny-vit-32', pretrained='/no/such/file.pt'), 'checkpoint file or an open_clip tag'),
 ])
 def test_errors_say_what_to_do(kwargs, message):
