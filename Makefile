@@ -38,7 +38,7 @@ nbtest: install
 	    echo "  SKIPPED $$(grep -cE '"#\| *cuda' $$nb) cuda cell(s) in $$nb"; done; \
 	fi; \
 	echo "nbdev_test --flags '$$flags'"; \
-	$(BIN)/nbdev_test --n_workers 2 --timing --flags "$$flags" --skip_folder_re '^(_|\.|experiments$$)'
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing --flags "$$flags" --skip_folder_re '^(_|\.|experiments$$)'
 
 pytest: install
 	$(BIN)/python -m pytest tests -q -rs
