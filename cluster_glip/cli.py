@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'usage', 'main']
 
-# %% ../nbs/09_cli.ipynb #4c260b23
+# %% ../nbs/09_cli.ipynb #318a694f
 import importlib, sys
+from fastcore.script import anno_parser
 
-# %% ../nbs/09_cli.ipynb #bae1ac93
+# %% ../nbs/09_cli.ipynb #f6c2da3b
 COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` function
     'synth': ('cluster_glip.data:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
@@ -32,5 +33,7 @@ def main(argv: list[str] | None = None):
         raise SystemExit(f"cluster_glip: unknown command {name!r}; choose one of {', '.join(COMMANDS)}")
     module, function = COMMANDS[name][0].split(':')
     command = getattr(importlib.import_module(module), function)
-    sys.argv = [f'cluster_glip {name}', *rest]  # call_parse reads sys.argv
-    return command()
+    command = getattr(command, '__wrapped__', command)  # the plain function under `call_parse`
+    args = vars(anno_parser(command, prog=f'cluster_glip {name}').parse_args(rest))
+    args.pop('pdb', None); args.pop('xtra', None)     # call_parse's own switches
+    return command(**args)
