@@ -7,12 +7,12 @@ __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUI
            'WEIGHT_DECAYS', 'TASKS', 'ROOT_VARIABLE', 'topk_accuracy', 'mean_per_class_recall',
            'classification_metrics', 'retrieval_metrics', 'caption_preference', 'sugarcrepe_summary', 'model_device',
            'model_transform', 'model_tokenizer', 'encode_images', 'encode_texts', 'masker_of', 'masked_inference',
-           'fill_template', 'class_embeddings', 'MissingDataset', 'EvalSet', 'ImageRecords', 'read_lines', 'read_wds',
-           'read_image_folder', 'read_karpathy', 'read_sugarcrepe', 'write_wds', 'write_image_folder', 'write_karpathy',
-           'write_sugarcrepe', 'image_features', 'zeroshot_classification', 'zeroshot_retrieval', 'cosine_lr',
-           'train_probe', 'search_weight_decay', 'probe_metrics', 'split_validation', 'linear_probe', 'sugarcrepe',
-           'suite_names', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite', 'summarize',
-           'load_model', 'format_rows', 'eval_cli']
+           'evaluating', 'fill_template', 'class_embeddings', 'MissingDataset', 'EvalSet', 'ImageRecords', 'read_lines',
+           'read_wds', 'read_image_folder', 'read_karpathy', 'read_sugarcrepe', 'write_wds', 'write_image_folder',
+           'write_karpathy', 'write_sugarcrepe', 'image_features', 'zeroshot_classification', 'zeroshot_retrieval',
+           'cosine_lr', 'train_probe', 'search_weight_decay', 'probe_metrics', 'split_validation', 'linear_probe',
+           'sugarcrepe', 'suite_names', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite',
+           'summarize', 'load_model', 'format_rows', 'eval_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d077bbfb
 import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, time, warnings
@@ -152,7 +152,7 @@ def encode_texts(model: nn.Module, tokens: torch.Tensor,  # [B, L] int64 tokens
     with _autocast(device, amp): features = model.encode_text(tokens.to(device, non_blocking=True))
     return F.normalize(features.float(), dim=-1)
 
-# %% ../nbs/04_evaluate.ipynb #2ecd0ad5
+# %% ../nbs/04_evaluate.ipynb #52dcb207
 def masker_of(model: nn.Module):
     "`model`'s masker when it has one that masks (a cluster_glip model built with a strategy and a ratio > 0), else None."
     masker = getattr(model, 'masker', None)
@@ -179,7 +179,16 @@ def masked_inference(model: nn.Module, enabled: bool = True):
     try: yield model
     finally: masker.masked_inference = before
 
-# %% ../nbs/04_evaluate.ipynb #f85b3908
+@contextlib.contextmanager
+def evaluating(model: nn.Module, masked: bool = False):
+    "Within the block `model` is in eval mode (no dropout, no training-time masking), masking only if `masked`."
+    was_training = model.training
+    model.eval()
+    try:
+        with masked_inference(model, masked): yield model
+    finally: model.train(was_training)
+
+# %% ../nbs/04_evaluate.ipynb #8e087d92
 BUILTIN_CLASSNAMES = {'imagenet': open_clip.IMAGENET_CLASSNAMES}
 BUILTIN_TEMPLATES = {'openai': open_clip.OPENAI_IMAGENET_TEMPLATES, 'simple': open_clip.SIMPLE_IMAGENET_TEMPLATES}
 
@@ -193,11 +202,12 @@ def class_embeddings(model: nn.Module, tokenizer: Callable, classnames: Sequence
     "One embedding per class: the renormalised mean of the L2-normalised embeddings of its prompts."
     per_chunk = max(1, batch_size // len(templates))
     chunks = []
-    for start in range(0, len(classnames), per_chunk):
-        names = classnames[start:start + per_chunk]
-        prompts = [fill_template(t, name) for name in names for t in templates]
-        features = encode_texts(model, tokenizer(prompts), amp=amp).view(len(names), len(templates), -1)  # [c, T, E]
-        chunks.append(F.normalize(features.mean(1), dim=-1))                                            # [c, E]
+    with evaluating(model):
+        for start in range(0, len(classnames), per_chunk):
+            names = classnames[start:start + per_chunk]
+            prompts = [fill_template(t, name) for name in names for t in templates]
+            features = encode_texts(model, tokenizer(prompts), amp=amp).view(len(names), len(templates), -1)  # [c, T, E]
+            chunks.append(F.normalize(features.mean(1), dim=-1))                                            # [c, E]
     return torch.cat(chunks)
 
 # %% ../nbs/04_evaluate.ipynb #b3b99243
@@ -351,7 +361,7 @@ def write_sugarcrepe(root: Path, images_dir: Path, images: Sequence[Image.Image]
         (Path(root) / f'{name}.json').write_text(json.dumps(content, indent=1))
     return Path(root)
 
-# %% ../nbs/04_evaluate.ipynb #65828735
+# %% ../nbs/04_evaluate.ipynb #e4c31fbc
 def _collate(batch):
     return torch.stack([image for image, _ in batch]), [target for _, target in batch]  # [B, 3, H, W], B targets
 
@@ -372,7 +382,7 @@ def image_features(model: nn.Module, evalset: EvalSet, *, batch_size: int = 64, 
         saved = torch.load(cache, map_location=model_device(model), weights_only=True)
         return saved['features'], saved['labels']
     generator, features, labels = _generator(model, masked, seed), [], []
-    with masked_inference(model, masked):
+    with evaluating(model, masked):
         for images, targets in _batches(evalset, batch_size, num_workers, progress, f'{evalset.name} images'):
             features.append(encode_images(model, images, masked=masked, generator=generator, amp=amp))  # [B, E]
             labels.append(torch.as_tensor(targets))
@@ -400,14 +410,14 @@ def zeroshot_classification(model: nn.Module, evalset: EvalSet, tokenizer: Calla
     logits = 100.0 * features @ weights.T                                                   # [N, C]
     return {**classification_metrics(logits, labels), 'n_images': len(labels), 'n_classes': len(classnames)}
 
-# %% ../nbs/04_evaluate.ipynb #507b8189
+# %% ../nbs/04_evaluate.ipynb #240ea48a
 def zeroshot_retrieval(model: nn.Module, evalset: EvalSet, tokenizer: Callable, *, ks: Sequence[int] = (1, 5, 10),
                        batch_size: int = 64, num_workers: int = 0, masked: bool = False, seed: int = 0,
                        amp: bool = True, progress: bool = False) -> dict:
     "Image→text and text→image R@k of `model` on a set of images with several captions each."
     generator, images_seen = _generator(model, masked, seed), 0
     image_parts, text_parts, owners = [], [], []
-    with masked_inference(model, masked):
+    with evaluating(model, masked):
         for images, captions in _batches(evalset, batch_size, num_workers, progress, f'{evalset.name} pairs'):
             image_parts.append(encode_images(model, images, masked=masked, generator=generator, amp=amp))  # [B, E]
             text_parts.append(encode_texts(model, tokenizer([c for cs in captions for c in cs]), amp=amp))   # [b, E]
@@ -511,13 +521,13 @@ def linear_probe(model: nn.Module, train: EvalSet, test: EvalSet, *, val: EvalSe
     return probe_metrics(train_x, train_y, test_x, test_y, val_features=val_x, val_labels=val_y, n_classes=n_classes,
                          lr=lr, epochs=epochs, batch_size=probe_batch_size, seed=seed)
 
-# %% ../nbs/04_evaluate.ipynb #7c02c4ad
+# %% ../nbs/04_evaluate.ipynb #498b74b7
 def sugarcrepe(model: nn.Module, subsets: dict[str, EvalSet], tokenizer: Callable, *, batch_size: int = 64,
                num_workers: int = 0, masked: bool = False, seed: int = 0, amp: bool = True,
                progress: bool = False) -> dict:
     "SugarCrepe accuracy per subset (`acc_<subset>`) and the `acc_obj` / `acc_att` / `acc_rel` averages."
     accuracy, counts = {}, {}
-    with masked_inference(model, masked):
+    with evaluating(model, masked):
         for name, evalset in subsets.items():
             generator, correct = _generator(model, masked, seed), []
             for images, texts in _batches(evalset, batch_size, num_workers, progress, name):
@@ -530,7 +540,7 @@ def sugarcrepe(model: nn.Module, subsets: dict[str, EvalSet], tokenizer: Callabl
             accuracy[name], counts[f'n_{name}'] = correct.float().mean().item(), len(correct)
     return {**sugarcrepe_summary(accuracy), **counts}
 
-# %% ../nbs/04_evaluate.ipynb #1dab57b1
+# %% ../nbs/04_evaluate.ipynb #c4d5a005
 TASKS = ('zeroshot_classification', 'zeroshot_retrieval', 'linear_probe', 'sugarcrepe')
 ROOT_VARIABLE = 'CLUSTER_GLIP_EVAL_ROOT'
 
@@ -569,7 +579,7 @@ def _path(root: Path, value: str | Path) -> Path:
     path = Path(os.path.expandvars(str(value))).expanduser()
     return path if path.is_absolute() else root / path
 
-# %% ../nbs/04_evaluate.ipynb #15f6dd46
+# %% ../nbs/04_evaluate.ipynb #509ea5df
 def _names_or_list(value, builtin: dict, root: Path):
     if value is None or isinstance(value, (list, tuple)): return value
     if value in builtin: return list(builtin[value])
@@ -622,7 +632,7 @@ def run_entry(model: nn.Module, entry: dict, root: Path, *, tokenizer: Callable,
                               subsets=entry.get('subsets', SUGARCREPE_SUBSETS))
     return sugarcrepe(model, subsets, tokenizer, **common)
 
-# %% ../nbs/04_evaluate.ipynb #96d10f5e
+# %% ../nbs/04_evaluate.ipynb #130a03c9
 def _passes(masked) -> list[bool]:
     if masked == 'both': return [False, True]
     if masked in (True, False, None): return [bool(masked)]
@@ -642,33 +652,30 @@ def evaluate_suite(model: nn.Module, suite: str | Path | dict, *, root: str | Pa
     transform = transform or model_transform(model)
     common = dict(batch_size=batch_size, num_workers=num_workers, seed=seed, amp=amp, progress=progress)
     jobs = [(entry, m) for entry in suite['tasks'] for m in _passes(entry.get('masked', False) if masked is None else masked)]
-    was_training, rows = model.training, []
-    model.eval()
+    rows = []
     bar = tqdm(jobs, desc=f"suite {suite['name']}", disable=not progress)
-    try:
-        for entry, m in bar:
-            bar.set_postfix_str(f"{entry['task']} {entry['dataset']}{' masked' if m else ''}")
-            row = {'checkpoint': checkpoint, 'suite': suite['name'], 'task': entry['task'], 'dataset': entry['dataset'],
-                   'masked': m}
-            if m and masker is not None: row.update(mask_strategy=masker.strategy, mask_ratio=masker.ratio)
-            start = time.perf_counter()
-            if m and masker is None:
-                row.update(status='skipped', reason='masked inference needs a model with a masker')
-            else:
-                try: row.update(status='ok', **run_entry(model, entry, root, tokenizer=tokenizer, transform=transform,
-                                                          feature_cache=feature_cache, masked=m, **common))
-                except MissingDataset as e:
-                    row.update(status='missing', reason=str(e))
-                    (bar.write if progress else warnings.warn)(f"skipped {entry['task']} {entry['dataset']}: {e}")
-            row['seconds'] = round(time.perf_counter() - start, 3)
-            rows.append(row)
-            if out is not None:
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-                with open(out, 'a') as f: f.write(json.dumps(row) + '\n')
-    finally: model.train(was_training)
+    for entry, m in bar:
+        bar.set_postfix_str(f"{entry['task']} {entry['dataset']}{' masked' if m else ''}")
+        row = {'checkpoint': checkpoint, 'suite': suite['name'], 'task': entry['task'], 'dataset': entry['dataset'],
+               'masked': m}
+        if m and masker is not None: row.update(mask_strategy=masker.strategy, mask_ratio=masker.ratio)
+        start = time.perf_counter()
+        if m and masker is None:
+            row.update(status='skipped', reason='masked inference needs a model with a masker')
+        else:
+            try: row.update(status='ok', **run_entry(model, entry, root, tokenizer=tokenizer, transform=transform,
+                                                      feature_cache=feature_cache, masked=m, **common))
+            except MissingDataset as e:
+                row.update(status='missing', reason=str(e))
+                (bar.write if progress else warnings.warn)(f"skipped {entry['task']} {entry['dataset']}: {e}")
+        row['seconds'] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            with open(out, 'a') as f: f.write(json.dumps(row) + '\n')
     return rows
 
-# %% ../nbs/04_evaluate.ipynb #5b560a38
+# %% ../nbs/04_evaluate.ipynb #f04f538d
 def summarize(rows: Sequence[dict]) -> list[dict]:
     "Per (checkpoint, masked): mean zero-shot top-1 over the classification rows that ran, and their count."
     groups = {}
@@ -678,7 +685,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     return [{'checkpoint': c, 'masked': m, 'zeroshot_mean_top1': sum(v) / len(v), 'n_zeroshot_sets': len(v)}
             for (c, m), v in groups.items()]
 
-# %% ../nbs/04_evaluate.ipynb #fb026bed
+# %% ../nbs/04_evaluate.ipynb #48a26462
 def load_model(name: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
                precision: str = 'fp32', mask_strategy: str | None = None, mask_ratio: float | None = None) -> nn.Module:
     "The open_clip architecture `name` with weights from `checkpoint` (None: random init), in eval mode."
@@ -699,7 +706,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, device: str |
     if mask_strategy:
         from cluster_glip.masking import PatchMasker
         patch_size = open_clip.get_model_config(name)['vision_cfg']['patch_size']
-        masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size, masked_inference=True)
+        masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size)   # masked_inference() switches it on per task
     return ours.create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -714,7 +721,7 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append(f"{row['task']:<24} {row['dataset']:<18} {'masked' if row['masked'] else 'full':<6} {values}")
     return '\n'.join(lines)
 
-# %% ../nbs/04_evaluate.ipynb #b77b3012
+# %% ../nbs/04_evaluate.ipynb #2da89157
 @call_parse
 def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkpoint, ours or stock); omit for random weights
              model: str = 'ViT-B-16',    # open_clip model config name, e.g. ViT-B-16

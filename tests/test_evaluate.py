@@ -458,3 +458,32 @@ def test_masked_inference_is_refused_for_stock_models(model, classification_root
         ev.zeroshot_classification(model, evalset, tokenizer, masked=True)
     with pytest.raises(ValueError, match='needs a model that masks'):
         ev.evaluate_suite(model, 'synthetic', masked='both', progress=False)
+
+
+def test_eval_cli_masked_on_a_cluster_glip_checkpoint(tmp_path, classification_root):
+    from cluster_glip.model import create_model
+    net = create_model('tiny-vit-32')
+    torch.save({'epoch': 3, 'state_dict': net.state_dict()}, tmp_path / 'ours.pt')
+    (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
+        {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name}]}))
+    run_cli(['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
+             '--masked', '--mask_strategy', 'gaussian', '--mask_ratio', '0.5', '--out', str(tmp_path / 'rows.jsonl'),
+             '--device', 'cpu', '--workers', '0', '--seed', '5'])
+    row, = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+    assert (row['status'], row['masked'], row['mask_strategy'], row['mask_ratio']) == ('ok', True, 'gaussian', 0.5)
+    loaded = ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu', mask_strategy='gaussian', mask_ratio=0.5)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert loaded.masker.masked_inference is False                      # switched on only inside a masked task
+    evalset = ev.read_wds(classification_root, 'test', ev.model_transform(loaded))
+    tokenizer = ev.model_tokenizer(loaded, 'tiny-vit-32')
+    direct = ev.zeroshot_classification(loaded, evalset, tokenizer, masked=True, seed=5)
+    assert row['top1'] == direct['top1'] and row['mean_per_class_recall'] == direct['mean_per_class_recall']
+    full = ev.image_features(loaded, evalset)[0]
+    assert not torch.allclose(full, ev.image_features(loaded, evalset, masked=True, seed=5)[0], atol=1e-3)
+
+
+def test_masked_inference_refuses_a_masker_that_does_not_mask(classification_root):
+    from cluster_glip.model import create_model
+    net = create_model('tiny-vit-32').eval()                                 # default masker: strategy 'none'
+    with pytest.raises(ValueError, match="does not mask \\(strategy 'none'"):
+        ev.image_features(net, ev.read_wds(classification_root, 'test', ev.model_transform(net)), masked=True)
