@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUILTIN_TEMPLATES', 'IMAGE_EXTENSIONS',
-           'WEIGHT_DECAYS', 'TASKS', 'ROOT_VARIABLE', 'topk_accuracy', 'mean_per_class_recall',
+           'WEIGHT_DECAYS', 'TASKS', 'ROOT_VARIABLE', 'RUNNERS', 'topk_accuracy', 'mean_per_class_recall',
            'classification_metrics', 'retrieval_metrics', 'caption_preference', 'sugarcrepe_summary', 'model_device',
            'model_transform', 'model_tokenizer', 'encode_images', 'encode_texts', 'masker_of', 'masked_inference',
            'evaluating', 'fill_template', 'class_embeddings', 'MissingDataset', 'EvalSet', 'ImageRecords', 'read_lines',
@@ -302,7 +302,7 @@ def read_sugarcrepe(root: Path, images: Path, transform: Callable | None = None,
     if missing: warnings.warn(f'SugarCrepe subsets missing from {root}: {missing}; their averages use the others')
     return sets
 
-# %% ../nbs/04_evaluate.ipynb #8c6faac2
+# %% ../nbs/04_evaluate.ipynb #f747eef2
 def _image_bytes(image: Image.Image, ext: str) -> bytes:
     options = {'webp': dict(format='WEBP', lossless=True), 'png': dict(format='PNG'),
                'jpg': dict(format='JPEG', quality=95), 'jpeg': dict(format='JPEG', quality=95)}
@@ -325,7 +325,8 @@ def write_wds(root: Path, images: Sequence[Image.Image], targets: Sequence, *, s
     (root / split / 'nshards.txt').write_text(f'{n_shards}\n')
     if retrieval: (root / 'dataset_type.txt').write_text('retrieval\n')
     if classnames is not None: (root / 'classnames.txt').write_text(''.join(f'{c}\n' for c in classnames))
-    if templates is not None: (root / 'zeroshot_classification_templates.txt').write_text(''.join(f'{t}\n' for t in templates))
+    if templates is not None:
+        (root / 'zeroshot_classification_templates.txt').write_text(''.join(f'{t}\n' for t in templates))
     return root
 
 def write_image_folder(root: Path, images: Sequence[Image.Image], labels: Sequence[int], classnames: Sequence[str],
@@ -429,7 +430,7 @@ def zeroshot_retrieval(model: nn.Module, evalset: EvalSet, tokenizer: Callable, 
     return {**retrieval_metrics(image_feats, text_feats, text_image, ks), 'n_images': len(image_feats),
             'n_texts': len(text_feats)}
 
-# %% ../nbs/04_evaluate.ipynb #0e7304c1
+# %% ../nbs/04_evaluate.ipynb #69beae62
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()  # CLIP_benchmark's grid
 
 def cosine_lr(base_lr: float, step: int, steps: int) -> float:
@@ -461,14 +462,13 @@ def train_probe(features: torch.Tensor,  # [N, E] frozen features
 def search_weight_decay(val_top1: Callable[[float], float], grid: Sequence[float] = WEIGHT_DECAYS) -> float:
     "CLIP_benchmark's weight-decay search: `val_top1(wd)` at 7 log-spaced points, then ±8, ±4, ±2, ±1 grid steps."
     scores = {}
-    def peak(indices):  # CLIP_benchmark's `find_peak`: the first index with a strictly higher accuracy than 0 and the rest
+    def peak(indices):  # CLIP_benchmark's `find_peak`: the first strictly better accuracy wins, starting from (0, 0)
         best, best_acc = 0, 0
         for i in indices:
             if i not in scores: scores[i] = val_top1(grid[i])
             if best_acc < scores[i]: best, best_acc = i, scores[i]
         return best
-    coarse = np.logspace(-6, 2, num=7).tolist() if len(grid) == 97 else list(grid[::max(1, (len(grid) - 1) // 6)])
-    best, span = peak([i for i, wd in enumerate(grid) if wd in coarse]), 8
+    best, span = peak(sorted({round(i * (len(grid) - 1) / 6) for i in range(7)})), 8   # 0, 16, ..., 96 on the grid
     while span > 0:
         best = peak([max(best - span, 0), best, min(best + span, len(grid) - 1)])
         span //= 2
@@ -540,7 +540,7 @@ def sugarcrepe(model: nn.Module, subsets: dict[str, EvalSet], tokenizer: Callabl
             accuracy[name], counts[f'n_{name}'] = correct.float().mean().item(), len(correct)
     return {**sugarcrepe_summary(accuracy), **counts}
 
-# %% ../nbs/04_evaluate.ipynb #c4d5a005
+# %% ../nbs/04_evaluate.ipynb #c4bca972
 TASKS = ('zeroshot_classification', 'zeroshot_retrieval', 'linear_probe', 'sugarcrepe')
 ROOT_VARIABLE = 'CLUSTER_GLIP_EVAL_ROOT'
 
@@ -548,6 +548,14 @@ def suite_names() -> list[str]:
     "The suites that ship with cluster_glip."
     return sorted(p.name[:-5] for p in (importlib.resources.files('cluster_glip') / 'configs' / 'eval').iterdir()
                   if p.name.endswith('.yaml'))
+
+def _check_entry(entry: dict, where: str):
+    "Raise if a suite entry names no known task or lacks a key its task needs."
+    if entry.get('task') not in TASKS: raise ValueError(f"{where}: task must be one of {TASKS}, got {entry.get('task')!r}")
+    needs = {'zeroshot_classification': ('path',), 'linear_probe': ('path',), 'sugarcrepe': ('path', 'images'),
+             'zeroshot_retrieval': ('annotations', 'images') if entry.get('format') == 'karpathy' else ('path',)}
+    missing = [key for key in ('dataset', *needs[entry['task']]) if key not in entry]
+    if missing: raise ValueError(f"{where} ({entry['task']}): missing {missing}")
 
 def load_suite(suite: str | Path | dict) -> dict:
     "A suite from a dict, a YAML file, or the name of one that ships with cluster_glip; checked for required keys."
@@ -558,15 +566,8 @@ def load_suite(suite: str | Path | dict) -> dict:
             if not path.exists():
                 raise ValueError(f'no suite named {suite!r}; choose one of {suite_names()} or give a YAML file')
         suite = {'name': path.stem, **yaml.safe_load(path.read_text())}
-    required = {'zeroshot_classification': ('path',), 'linear_probe': ('path',), 'sugarcrepe': ('path', 'images'),
-                'zeroshot_retrieval': ()}
-    for i, entry in enumerate(suite.get('tasks') or []):
-        if entry.get('task') not in TASKS: raise ValueError(f'suite {suite.get("name")!r}, task {i}: task must be one of {TASKS}, got {entry.get("task")!r}')
-        missing = [k for k in ('dataset', *required[entry['task']]) if k not in entry]
-        if entry['task'] == 'zeroshot_retrieval':
-            missing += [k for k in (('annotations', 'images') if entry.get('format') == 'karpathy' else ('path',)) if k not in entry]
-        if missing: raise ValueError(f'suite {suite.get("name")!r}, task {i} ({entry["task"]}): missing {missing}')
-    if not suite.get('tasks'): raise ValueError(f'suite {suite.get("name")!r} has no tasks')
+    if not suite.get('tasks'): raise ValueError(f"suite {suite.get('name')!r} has no tasks")
+    for i, entry in enumerate(suite['tasks']): _check_entry(entry, f"suite {suite.get('name')!r}, task {i}")
     return suite
 
 def suite_root(suite: dict, root: str | Path | None = None) -> Path:
@@ -579,60 +580,73 @@ def _path(root: Path, value: str | Path) -> Path:
     path = Path(os.path.expandvars(str(value))).expanduser()
     return path if path.is_absolute() else root / path
 
-# %% ../nbs/04_evaluate.ipynb #509ea5df
+# %% ../nbs/04_evaluate.ipynb #624e5572
 def _names_or_list(value, builtin: dict, root: Path):
     if value is None or isinstance(value, (list, tuple)): return value
     if value in builtin: return list(builtin[value])
     return read_lines(_require(_path(root, value), 'class names / templates file'))
 
 def _classification_set(entry: dict, root: Path, transform: Callable, split: str | None) -> EvalSet:
+    "A classification set of a suite entry: a wds folder's `split`, or an image folder `path/split` (`path` if no split)."
     fmt, path = entry.get('format', 'wds'), _path(root, entry['path'])
     classnames = _names_or_list(entry.get('classnames'), BUILTIN_CLASSNAMES, root)
     if fmt == 'wds':
         evalset = read_wds(path, split or 'test', transform)
         if classnames: evalset.classnames = list(classnames)
-    elif fmt == 'imagefolder': evalset = read_image_folder(path / split if split else path, transform, classnames=classnames)
+    elif fmt == 'imagefolder':
+        evalset = read_image_folder(path / split if split else path, transform, classnames=classnames)
     else: raise ValueError(f"{entry['dataset']}: format must be 'wds' or 'imagefolder' for {entry['task']}, got {fmt!r}")
     evalset.name = f"{entry['dataset']}/{split}" if split else entry['dataset']
     return evalset
 
 def model_fingerprint(model: nn.Module) -> str:
     "A short hash of `model`'s weights (each parameter's sum, in float64): the key of cached features."
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]) if any(True for _ in model.parameters()) else torch.zeros(1)
-    return hashlib.sha1(sums.cpu().numpy().tobytes() + type(model).__name__.encode()).hexdigest()[:12]
+    sums = [p.detach().double().sum() for p in model.parameters()]
+    data = torch.stack(sums).cpu().numpy().tobytes() if sums else b''
+    return hashlib.sha1(data + type(model).__name__.encode()).hexdigest()[:12]
 
-def run_entry(model: nn.Module, entry: dict, root: Path, *, tokenizer: Callable, transform: Callable,
-              feature_cache: Path | None = None, **common) -> dict:
-    "Run one suite entry (one task on one dataset) and return its metrics; raises `MissingDataset` if data are absent."
-    task = entry['task']
-    if task == 'zeroshot_classification':
-        evalset = _classification_set(entry, root, transform, entry.get('split', 'test' if entry.get('format', 'wds') == 'wds' else None))
-        return zeroshot_classification(model, evalset, tokenizer,
-                                       templates=_names_or_list(entry.get('templates'), BUILTIN_TEMPLATES, root), **common)
-    if task == 'zeroshot_retrieval':
-        split = entry.get('split', 'test')
-        if entry.get('format', 'wds') == 'karpathy':
-            evalset = read_karpathy(_path(root, entry['annotations']), _path(root, entry['images']), split, transform,
-                                    max_captions=entry.get('max_captions'))
-        else: evalset = read_wds(_path(root, entry['path']), split, transform, kind='retrieval')
-        evalset.name = entry['dataset']
-        return zeroshot_retrieval(model, evalset, tokenizer, ks=tuple(entry.get('ks', (1, 5, 10))), **common)
-    if task == 'linear_probe':
-        sets = {name: _classification_set(entry, root, transform, entry[f'{name}_split'] if f'{name}_split' in entry else default)
-                for name, default in (('train', 'train'), ('test', 'test'), ('val', None))
-                if name != 'val' or entry.get('val_split')}
-        cache = None
-        if feature_cache is not None:
-            masked = '-masked' if common.get('masked') else ''
-            cache = Path(feature_cache) / f"{model_fingerprint(model)}-{entry['dataset'].replace('/', '_')}{masked}"
-        return linear_probe(model, sets['train'], sets['test'], val=sets.get('val'), val_proportion=entry.get('val_proportion'),
-                            lr=entry.get('lr', 0.1), epochs=entry.get('epochs', 10),
-                            probe_batch_size=entry.get('probe_batch_size', 64), cache=cache, **common)
+def _run_zeroshot_classification(model, entry, root, *, tokenizer, transform, feature_cache, **common):
+    split = entry.get('split', 'test' if entry.get('format', 'wds') == 'wds' else None)
+    evalset = _classification_set(entry, root, transform, split)
+    templates = _names_or_list(entry.get('templates'), BUILTIN_TEMPLATES, root)
+    return zeroshot_classification(model, evalset, tokenizer, templates=templates, **common)
+
+def _run_zeroshot_retrieval(model, entry, root, *, tokenizer, transform, feature_cache, **common):
+    split = entry.get('split', 'test')
+    if entry.get('format', 'wds') == 'karpathy':
+        evalset = read_karpathy(_path(root, entry['annotations']), _path(root, entry['images']), split, transform,
+                                max_captions=entry.get('max_captions'))
+    else: evalset = read_wds(_path(root, entry['path']), split, transform, kind='retrieval')
+    evalset.name = entry['dataset']
+    return zeroshot_retrieval(model, evalset, tokenizer, ks=tuple(entry.get('ks', (1, 5, 10))), **common)
+
+def _run_linear_probe(model, entry, root, *, tokenizer, transform, feature_cache, **common):
+    split = lambda name, default: _classification_set(entry, root, transform, entry.get(f'{name}_split', default))
+    train, test = split('train', 'train'), split('test', 'test')
+    val = split('val', None) if entry.get('val_split') else None
+    cache = None
+    if feature_cache is not None:
+        masked = f"-masked{common['seed']}" if common.get('masked') else ''   # masks depend on the seed
+        cache = Path(feature_cache) / f"{model_fingerprint(model)}-{entry['dataset'].replace('/', '_')}{masked}"
+    return linear_probe(model, train, test, val=val, val_proportion=entry.get('val_proportion'), lr=entry.get('lr', 0.1),
+                        epochs=entry.get('epochs', 10), probe_batch_size=entry.get('probe_batch_size', 64), cache=cache,
+                        **common)
+
+def _run_sugarcrepe(model, entry, root, *, tokenizer, transform, feature_cache, **common):
     subsets = read_sugarcrepe(_path(root, entry['path']), _path(root, entry['images']), transform,
                               subsets=entry.get('subsets', SUGARCREPE_SUBSETS))
     return sugarcrepe(model, subsets, tokenizer, **common)
 
-# %% ../nbs/04_evaluate.ipynb #130a03c9
+RUNNERS = {'zeroshot_classification': _run_zeroshot_classification, 'zeroshot_retrieval': _run_zeroshot_retrieval,
+           'linear_probe': _run_linear_probe, 'sugarcrepe': _run_sugarcrepe}
+
+def run_entry(model: nn.Module, entry: dict, root: Path, *, tokenizer: Callable, transform: Callable,
+              feature_cache: Path | None = None, **common) -> dict:
+    "Run one suite entry (one task on one dataset) and return its metrics; raises `MissingDataset` if data are absent."
+    return RUNNERS[entry['task']](model, entry, root, tokenizer=tokenizer, transform=transform,
+                                  feature_cache=feature_cache, **common)
+
+# %% ../nbs/04_evaluate.ipynb #02b25a26
 def _passes(masked) -> list[bool]:
     if masked == 'both': return [False, True]
     if masked in (True, False, None): return [bool(masked)]
@@ -651,7 +665,8 @@ def evaluate_suite(model: nn.Module, suite: str | Path | dict, *, root: str | Pa
     tokenizer = tokenizer or model_tokenizer(model)
     transform = transform or model_transform(model)
     common = dict(batch_size=batch_size, num_workers=num_workers, seed=seed, amp=amp, progress=progress)
-    jobs = [(entry, m) for entry in suite['tasks'] for m in _passes(entry.get('masked', False) if masked is None else masked)]
+    jobs = [(entry, m) for entry in suite['tasks']
+            for m in _passes(entry.get('masked', False) if masked is None else masked)]
     rows = []
     bar = tqdm(jobs, desc=f"suite {suite['name']}", disable=not progress)
     for entry, m in bar:
