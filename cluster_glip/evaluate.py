@@ -12,7 +12,7 @@ __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUI
            'write_karpathy', 'write_sugarcrepe', 'image_features', 'zeroshot_classification', 'zeroshot_retrieval',
            'cosine_lr', 'train_probe', 'search_weight_decay', 'probe_metrics', 'split_validation', 'linear_probe',
            'sugarcrepe', 'suite_names', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite',
-           'summarize', 'load_model', 'format_rows', 'eval_cli']
+           'summarize', 'chance_levels', 'against_chance', 'load_model', 'format_rows', 'eval_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d077bbfb
 import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, time, warnings
@@ -430,7 +430,7 @@ def zeroshot_retrieval(model: nn.Module, evalset: EvalSet, tokenizer: Callable, 
     return {**retrieval_metrics(image_feats, text_feats, text_image, ks), 'n_images': len(image_feats),
             'n_texts': len(text_feats)}
 
-# %% ../nbs/04_evaluate.ipynb #69beae62
+# %% ../nbs/04_evaluate.ipynb #df01ad87
 WEIGHT_DECAYS = np.logspace(-6, 2, num=97).tolist()  # CLIP_benchmark's grid
 
 def cosine_lr(base_lr: float, step: int, steps: int) -> float:
@@ -495,7 +495,7 @@ def probe_metrics(train_features: torch.Tensor, train_labels: torch.Tensor,   # 
     probe = train_probe(train_features, train_labels, n_classes, weight_decay=weight_decay, **fit)
     with torch.no_grad(): logits = probe(test_features)                                    # [M, C]
     return {**classification_metrics(logits, test_labels), 'weight_decay': weight_decay,
-            'n_train': len(train_labels), 'n_test': len(test_labels)}
+            'n_train': len(train_labels), 'n_test': len(test_labels), 'n_classes': n_classes}
 
 def split_validation(features: torch.Tensor, labels: torch.Tensor, proportion: float, seed: int = 0):
     "A random (train, validation) split of features and labels: `proportion` of them go to validation."
@@ -700,7 +700,32 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     return [{'checkpoint': c, 'masked': m, 'zeroshot_mean_top1': sum(v) / len(v), 'n_zeroshot_sets': len(v)}
             for (c, m), v in groups.items()]
 
-# %% ../nbs/04_evaluate.ipynb #48a26462
+# %% ../nbs/04_evaluate.ipynb #5456084b
+def chance_levels(row: dict) -> dict[str, float]:
+    "The expected value of each metric in a result `row` for a model whose scores carry no information."
+    if row.get('status', 'ok') != 'ok': return {}
+    if row['task'] in ('zeroshot_classification', 'linear_probe'):
+        c = row['n_classes']
+        return {'top1': 1 / c, 'top5': min(1.0, 5 / c), 'mean_per_class_recall': 1 / c}
+    if row['task'] == 'zeroshot_retrieval':
+        levels, n_images, n_texts = {}, row['n_images'], row['n_texts']
+        m = round(n_texts / n_images)
+        for key in row:
+            if key.startswith('text_to_image_R@'): levels[key] = min(1.0, int(key.split('@')[1]) / n_images)
+            if key.startswith('image_to_text_R@'):
+                k = min(int(key.split('@')[1]), n_texts)
+                levels[key] = 1 - math.comb(n_texts - m, k) / math.comb(n_texts, k)
+        return levels
+    return {key: 0.5 for key in row if key.startswith('acc_')}
+
+# %% ../nbs/04_evaluate.ipynb #57439b5e
+def against_chance(rows: Sequence[dict], metrics: Sequence[str] = ('top1', 'image_to_text_R@1', 'text_to_image_R@1',
+                                                                   'acc_obj', 'acc_att', 'acc_rel')) -> list[dict]:
+    "Each of `metrics` in each row that ran, with its chance level and the ratio of the two."
+    return [{'task': r['task'], 'dataset': r['dataset'], 'masked': r['masked'], 'metric': m, 'value': r[m], 'chance': c,
+             'ratio': r[m] / c} for r in rows for m, c in chance_levels(r).items() if m in metrics]
+
+# %% ../nbs/04_evaluate.ipynb #84079b94
 def load_model(name: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
                precision: str = 'fp32', mask_strategy: str | None = None, mask_ratio: float | None = None) -> nn.Module:
     "The open_clip architecture `name` with weights from `checkpoint` (None: random init), in eval mode."
@@ -736,7 +761,7 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append(f"{row['task']:<24} {row['dataset']:<18} {'masked' if row['masked'] else 'full':<6} {values}")
     return '\n'.join(lines)
 
-# %% ../nbs/04_evaluate.ipynb #2da89157
+# %% ../nbs/04_evaluate.ipynb #885881b2
 @call_parse
 def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkpoint, ours or stock); omit for random weights
              model: str = 'ViT-B-16',    # open_clip model config name, e.g. ViT-B-16
