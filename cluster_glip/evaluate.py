@@ -725,28 +725,25 @@ def against_chance(rows: Sequence[dict], metrics: Sequence[str] = ('top1', 'imag
     return [{'task': r['task'], 'dataset': r['dataset'], 'masked': r['masked'], 'metric': m, 'value': r[m], 'chance': c,
              'ratio': r[m] / c} for r in rows for m, c in chance_levels(r).items() if m in metrics]
 
-# %% ../nbs/04_evaluate.ipynb #84079b94
+# %% ../nbs/04_evaluate.ipynb #86ccd89f
 def load_model(name: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
-               precision: str = 'fp32', mask_strategy: str | None = None, mask_ratio: float | None = None) -> nn.Module:
+               precision: str = 'fp32', mask_strategy: str | None = None, mask_ratio: float | None = None,
+               **mask_params) -> nn.Module:
     "The open_clip architecture `name` with weights from `checkpoint` (None: random init), in eval mode."
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     pretrained = str(checkpoint) if checkpoint else None
     if pretrained and not Path(pretrained).is_file():
         raise FileNotFoundError(f'checkpoint not found: {pretrained} (give the path of a .pt/.bin/.safetensors file)')
-    try: ours = importlib.import_module('cluster_glip.model')
+    try: ours = importlib.import_module('cluster_glip.model')   # also registers our model configs (tiny-vit-32, ...)
     except ModuleNotFoundError as e:
         if e.name != 'cluster_glip.model': raise
         ours = None
-    if ours is None:
-        if mask_strategy:
-            raise ValueError('masked inference needs cluster_glip.model, which is not installed here; '
-                             'a stock open_clip model always sees every patch')
+    if not mask_strategy:
         return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
-    masker = None
-    if mask_strategy:
-        from cluster_glip.masking import PatchMasker
-        patch_size = open_clip.get_model_config(name)['vision_cfg']['patch_size']
-        masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size)   # masked_inference() switches it on per task
+    if ours is None: raise ValueError('masked inference needs cluster_glip.model, which is not importable here')
+    from cluster_glip.masking import PatchMasker
+    patch_size = open_clip.get_model_config(name)['vision_cfg']['patch_size']
+    masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size, **mask_params)  # switched on per masked task
     return ours.create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -761,27 +758,26 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append(f"{row['task']:<24} {row['dataset']:<18} {'masked' if row['masked'] else 'full':<6} {values}")
     return '\n'.join(lines)
 
-# %% ../nbs/04_evaluate.ipynb #885881b2
+# %% ../nbs/04_evaluate.ipynb #b9ceae4d
 @call_parse
 def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkpoint, ours or stock); omit for random weights
              model: str = 'ViT-B-16',    # open_clip model config name, e.g. ViT-B-16
              suite: str = 'synthetic',   # a shipped suite name (cluster_paper, glip, synthetic) or a YAML file
              out: str = None,            # JSON-lines file the rows are appended to
-             masked: bool = False,       # evaluate with masked inference (needs a cluster_glip model and a mask strategy)
-             mask_strategy: str = None,  # masking strategy for --masked, e.g. random, gaussian, cluster
-             mask_ratio: float = None,   # mask ratio for --masked, e.g. 0.5
+             masked: bool = False,       # evaluate every entry with masked inference (needs --mask_strategy)
+             mask_strategy: str = None,  # the model's masking (random, gaussian, ...), for --masked and `masked: both` entries
+             mask_ratio: float = None,   # its mask ratio, e.g. 0.5
              root: str = None,           # folder the suite's relative paths live in (else $CLUSTER_GLIP_EVAL_ROOT)
              device: str = None,         # cuda or cpu (default: cuda when available)
              batch_size: int = 64,       # images per batch
              workers: int = 4,           # DataLoader worker processes
              seed: int = 0,              # seed for probes and masked inference
              feature_cache: str = None,  # folder to cache linear-probe features in
-             no_amp: bool = False):      # run the towers in full precision on GPU (default: fp16 autocast)
+             no_amp: bool = False):      # run the towers in full precision on a GPU instead of fp16 autocast
     "Evaluate a checkpoint on an evaluation suite; one JSON row per (task, dataset)."
     if masked and not mask_strategy:
         raise SystemExit('cluster_glip eval: --masked needs --mask_strategy (and --mask_ratio): the masking to evaluate with')
-    net = load_model(model, checkpoint, device=device, mask_strategy=mask_strategy if masked else None,
-                     mask_ratio=mask_ratio)
+    net = load_model(model, checkpoint, device=device, mask_strategy=mask_strategy, mask_ratio=mask_ratio)
     rows = evaluate_suite(net, suite, root=root, checkpoint=checkpoint or f'{model} (random init)',
                           tokenizer=model_tokenizer(net, model), masked=True if masked else None, batch_size=batch_size,
                           num_workers=workers, seed=seed, amp=not no_amp, feature_cache=feature_cache, out=out)

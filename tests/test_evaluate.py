@@ -487,3 +487,22 @@ def test_masked_inference_refuses_a_masker_that_does_not_mask(classification_roo
     net = create_model('tiny-vit-32').eval()                                 # default masker: strategy 'none'
     with pytest.raises(ValueError, match="does not mask \\(strategy 'none'"):
         ev.image_features(net, ev.read_wds(classification_root, 'test', ev.model_transform(net)), masked=True)
+
+
+def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path, classification_root):
+    "GLIP's row: an entry marked `masked: both` is evaluated full and masked when the model is given a masker."
+    from cluster_glip.model import create_model
+    torch.save(create_model('tiny-vit-32').state_dict(), tmp_path / 'ours.pt')
+    (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
+        {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name, 'masked': 'both'},
+        {'task': 'zeroshot_classification', 'dataset': 'nouns_full', 'path': classification_root.name}]}))
+    argv = ['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
+            '--device', 'cpu', '--workers', '0']
+    run_cli(argv + ['--mask_strategy', 'random', '--mask_ratio', '0.75', '--out', str(tmp_path / 'both.jsonl')])
+    rows = [json.loads(line) for line in (tmp_path / 'both.jsonl').read_text().splitlines()]
+    assert [(r['dataset'], r['masked'], r['status']) for r in rows] == \
+        [('nouns', False, 'ok'), ('nouns', True, 'ok'), ('nouns_full', False, 'ok')]
+    run_cli(argv + ['--out', str(tmp_path / 'stock.jsonl')])          # no masker: open_clip's own model, masked pass skipped
+    stock = [json.loads(line) for line in (tmp_path / 'stock.jsonl').read_text().splitlines()]
+    assert [(r['masked'], r['status']) for r in stock] == [(False, 'ok'), (True, 'skipped'), (False, 'ok')]
+    assert type(ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu')) is open_clip.CLIP
