@@ -506,3 +506,29 @@ def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path
     stock = [json.loads(line) for line in (tmp_path / 'stock.jsonl').read_text().splitlines()]
     assert [(r['masked'], r['status']) for r in stock] == [(False, 'ok'), (True, 'skipped'), (False, 'ok')]
     assert type(ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu')) is open_clip.CLIP
+
+
+@pytest.fixture(scope='module')
+def synthetic_bundle(tmp_path_factory):
+    "A small bundle from the data module: its held-out sets are what the `synthetic` suite reads."
+    from cluster_glip.data import write_synthetic_bundle
+    root = tmp_path_factory.mktemp('bundle') / 'synthetic'
+    write_synthetic_bundle(root, n_train=8, n_zeroshot=96, n_retrieval=40, n_sugarcrepe=24, shard_size=8,
+                           processes=1, image_size=32)
+    return root
+
+
+def test_synthetic_suite_reads_the_data_modules_sets_and_a_random_model_is_at_chance(synthetic_bundle):
+    from cluster_glip.model import create_model
+    rows = ev.evaluate_suite(create_model('tiny-vit-32'), 'synthetic', root=synthetic_bundle, progress=False)
+    assert [(r['task'], r['status']) for r in rows] == [('zeroshot_classification', 'ok'), ('zeroshot_retrieval', 'ok'),
+                                                        ('zeroshot_retrieval', 'ok'), ('sugarcrepe', 'ok')]
+    zeroshot, karpathy, wds_layout, crepe = rows
+    assert (zeroshot['n_images'], zeroshot['n_classes']) == (96, 24)
+    assert (karpathy['n_images'], karpathy['n_texts']) == (wds_layout['n_images'], wds_layout['n_texts']) == (40, 200)
+    assert all(crepe[f'n_{s}'] == 24 for s in ev.SUGARCREPE_SUBSETS)
+    # chance: 1/24 top-1 (one guess per class: at most 5 of 24 classes right, p < 1e-3); R@5 5/40 (caption queries)
+    # and about 0.50 (image queries, 5 own captions among 200); four standard deviations of 40 queries above them
+    assert zeroshot['top1'] < 0.25
+    assert karpathy['text_to_image_R@5'] < 0.125 + 4 * math.sqrt(0.125 * 0.875 / 40)
+    assert karpathy['image_to_text_R@5'] < ev.chance_levels(karpathy)['image_to_text_R@5'] + 4 * math.sqrt(0.25 / 40)
