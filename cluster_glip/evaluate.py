@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUILTIN_TEMPLATES', 'IMAGE_EXTENSIONS',
-           'WEIGHT_DECAYS', 'TASKS', 'ROOT_VARIABLE', 'RUNNERS', 'topk_accuracy', 'mean_per_class_recall',
+           'WEIGHT_DECAYS', 'TASKS', 'ROOT_VARIABLE', 'RUNNERS', 'ROW_FIELDS', 'topk_accuracy', 'mean_per_class_recall',
            'classification_metrics', 'retrieval_metrics', 'caption_preference', 'sugarcrepe_summary', 'model_device',
            'model_transform', 'model_tokenizer', 'encode_images', 'encode_texts', 'masker_of', 'masked_inference',
            'evaluating', 'fill_template', 'class_embeddings', 'MissingDataset', 'EvalSet', 'ImageRecords', 'read_lines',
@@ -12,7 +12,7 @@ __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUI
            'write_karpathy', 'write_sugarcrepe', 'image_features', 'zeroshot_classification', 'zeroshot_retrieval',
            'cosine_lr', 'train_probe', 'search_weight_decay', 'probe_metrics', 'split_validation', 'linear_probe',
            'sugarcrepe', 'suite_names', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite',
-           'summarize', 'chance_levels', 'against_chance', 'load_model', 'format_rows', 'eval_cli']
+           'summarize', 'chance_levels', 'against_chance', 'suite_metrics', 'load_model', 'format_rows', 'eval_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d077bbfb
 import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, time, warnings
@@ -725,7 +725,18 @@ def against_chance(rows: Sequence[dict], metrics: Sequence[str] = ('top1', 'imag
     return [{'task': r['task'], 'dataset': r['dataset'], 'masked': r['masked'], 'metric': m, 'value': r[m], 'chance': c,
              'ratio': r[m] / c} for r in rows for m, c in chance_levels(r).items() if m in metrics]
 
-# %% ../nbs/04_evaluate.ipynb #86ccd89f
+# %% ../nbs/04_evaluate.ipynb #569a5991
+ROW_FIELDS = ('checkpoint', 'suite', 'task', 'dataset', 'masked', 'status', 'reason', 'seconds', 'mask_strategy',
+              'mask_ratio')
+
+def suite_metrics(model: nn.Module, suite: str | Path | dict = 'synthetic', *, progress: bool = False,
+                  **kwargs) -> dict[str, float]:
+    "`evaluate_suite` as one flat dict `{'<dataset>[/masked]/<metric>': value}` over the rows that ran."
+    rows = evaluate_suite(model, suite, progress=progress, **kwargs)
+    return {f"{r['dataset']}{'/masked' if r['masked'] else ''}/{key}": value for r in rows if r['status'] == 'ok'
+            for key, value in r.items() if key not in ROW_FIELDS and isinstance(value, (int, float))}
+
+# %% ../nbs/04_evaluate.ipynb #54564443
 def load_model(name: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
                precision: str = 'fp32', mask_strategy: str | None = None, mask_ratio: float | None = None,
                **mask_params) -> nn.Module:
@@ -758,7 +769,7 @@ def format_rows(rows: Sequence[dict]) -> str:
         lines.append(f"{row['task']:<24} {row['dataset']:<18} {'masked' if row['masked'] else 'full':<6} {values}")
     return '\n'.join(lines)
 
-# %% ../nbs/04_evaluate.ipynb #b9ceae4d
+# %% ../nbs/04_evaluate.ipynb #b4d8ac2f
 @call_parse
 def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkpoint, ours or stock); omit for random weights
              model: str = 'ViT-B-16',    # open_clip model config name, e.g. ViT-B-16
