@@ -45,8 +45,11 @@ pytest: install
 
 test: check-sync nbtest pytest
 
+DEMO_OUT ?= runs/demo
 demo: install
-	$(PY) -m cluster_glip.demo
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/papermill nbs/experiments/mask_gallery.ipynb $(DEMO_OUT)/mask_gallery.ipynb -p out_dir $(DEMO_OUT) --no-progress-bar
+	@echo "demo: executed notebook $(DEMO_OUT)/mask_gallery.ipynb; figures and mask_stats.json in $(DEMO_OUT)/" 
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
