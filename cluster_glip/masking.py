@@ -14,10 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'check_ratio', 'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy',
+__all__ = ['STRATEGIES', 'PHOTOS', 'CLIP_MEAN', 'CLIP_STD', 'NORMALIZATIONS', 'CLUSTER_DEFAULTS', 'RELEASED', 'BENCHMARK_CONFIGS',
+           'check_ratio', 'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy',
            'register', 'resolve_strategy', 'all_patches', 'mask_patches', 'keep_indices', 'no_mask', 'random_mask',
            'check_positive', 'gaussian_prior', 'gaussian_mask', 'keep_frequency', 'count_components', 'visible_mask',
-           'mask_stats', 'PatchMasker']
+           'mask_stats', 'example_photos', 'to_rgb', 'show_mask', 'patch_features', 'anchor_count', 'fusion_weight',
+           'cosine_rows', 'anchor_similarity', 'draw_anchors', 'trim_clusters', 'paper_budget', 'masked_fraction',
+           'bisect_threshold', 'check_choice', 'check_cluster', 'cluster_mask', 'calibrate_threshold', 'kmeans_assign',
+           'kmeans', 'check_kmeans', 'kmeans_mask', 'attention_mask', 'check_block', 'block_mask', 'PatchMasker',
+           'benchmark_masking']
 
 # %% ../nbs/00_masking.ipynb #aa6dfbc4
 def check_ratio(ratio, name: str = 'mask ratio'):
@@ -102,30 +107,31 @@ class MaskBatch:
     def device(self): return self.pixels.device
     def noise(self, *shape) -> Tensor: return uniform_noise((self.B, *shape), self.device, self.generator)
 
-# %% ../nbs/00_masking.ipynb #804779c1
+# %% ../nbs/00_masking.ipynb #b40fb917
 @dataclass
 class Strategy:
     "A registered masking strategy: `make(batch, **params) -> Kept`, its parameters' defaults and their check."
     name: str
     make: Callable[..., Kept]
     defaults: dict
-    check: Callable[[dict], None]
+    check: Callable[[dict, float], None]  # (params, ratio) -> None, raises ValueError
     summary: str
     reads_tokens: Callable[[dict], bool] = lambda params: False
     reads_attention: bool = False
 
 STRATEGIES: dict[str, Strategy] = {}
 
-def register(name: str, defaults: dict | None = None, check: Callable[[dict], None] | None = None, *,
-             reads_tokens=None, reads_attention: bool = False):
+def register(name: str, defaults: dict | None = None, check: Callable[[dict, float], None] | None = None, *,
+             reads_tokens=None, reads_attention: bool = False, summary: str | None = None):
     "Decorator: register a strategy function under `name`."
     def decorate(make):
-        STRATEGIES[name] = Strategy(name, make, dict(defaults or {}), check or (lambda params: None),
-                                    (make.__doc__ or '').strip(), reads_tokens or (lambda params: False), reads_attention)
+        STRATEGIES[name] = Strategy(name, make, dict(defaults or {}), check or (lambda params, ratio: None),
+                                    summary or (make.__doc__ or '').strip(), reads_tokens or (lambda params: False),
+                                    reads_attention)
         return make
     return decorate
 
-def resolve_strategy(strategy: str, params: dict) -> tuple[Strategy, dict]:
+def resolve_strategy(strategy: str, params: dict, ratio: float = 0.0) -> tuple[Strategy, dict]:
     "Look up `strategy`, fill its defaults into `params` and check them; raises `ValueError` on anything unknown or bad."
     if strategy not in STRATEGIES:
         raise ValueError(f'unknown masking strategy {strategy!r}; choose one of {", ".join(STRATEGIES)}')
@@ -134,11 +140,12 @@ def resolve_strategy(strategy: str, params: dict) -> tuple[Strategy, dict]:
     if unknown:
         allowed = ', '.join(sorted(spec.defaults)) or 'none'
         raise ValueError(f'strategy {strategy!r} has no parameter {", ".join(unknown)}; its parameters: {allowed}')
+    check_ratio(ratio)
     params = {**spec.defaults, **params}
-    spec.check(params)
+    spec.check(params, ratio)
     return spec, params
 
-# %% ../nbs/00_masking.ipynb #b30c01c9
+# %% ../nbs/00_masking.ipynb #edbbf800
 def all_patches(batch_size: int, n_patches: int, device) -> Kept:
     "The identity decision: every patch kept, no padding."
     indices = torch.arange(n_patches, device=device).repeat(batch_size, 1)           # [B, L]
@@ -148,7 +155,7 @@ def mask_patches(pixels: Tensor, strategy: str, ratio: float, patch_size: int, *
                  generator: torch.Generator | None = None, cls_attention: Callable[[], Tensor] | None = None,
                  progress: float = 0.0, with_stats: bool = True, **params) -> Kept:
     "Decide which patch tokens of `pixels` [B, C, H, W] to keep with `strategy` at mask `ratio`."
-    spec, params = resolve_strategy(strategy, params)
+    spec, params = resolve_strategy(strategy, params, ratio)
     batch = MaskBatch(pixels, patch_size, ratio, generator, tokens, cls_attention, progress)
     with torch.no_grad():
         if strategy == 'none' or ratio == 0: kept = all_patches(batch.B, batch.L, batch.device)
@@ -177,7 +184,7 @@ def random_mask(batch: MaskBatch) -> Kept:
     "FLIP: a uniformly random K-subset per image."
     return Kept(keep_top(batch.noise(batch.L), batch.K))                             # [B, K]
 
-# %% ../nbs/00_masking.ipynb #5e02d6ca
+# %% ../nbs/00_masking.ipynb #aa9bc169
 def check_positive(name: str, value):
     "Raise unless `value` is a positive number."
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
@@ -191,7 +198,7 @@ def gaussian_prior(grid_h: int, grid_w: int, sigma: float, device=None) -> Tenso
     squared = ci[:, None] ** 2 + cj[None, :] ** 2                                    # [Gh, Gw]
     return torch.exp(-squared / (2 * sigma)) / (2 * math.pi * sigma)
 
-@register('gaussian', {'sigma': 0.2}, lambda p: check_positive('sigma', p['sigma']))
+@register('gaussian', {'sigma': 0.2}, lambda params, ratio: check_positive('sigma', params['sigma']))
 def gaussian_mask(batch: MaskBatch, sigma: float) -> Kept:
     "GLIP: keep the K largest of uniform noise plus the centre prior."
     prior = gaussian_prior(*batch.grid, sigma, batch.device).flatten()              # [L]
@@ -205,21 +212,25 @@ def keep_frequency(kept: Kept | Tensor, n_patches: int) -> Tensor:
                                                                       torch.ones(indices.numel(), device=indices.device))
     return counts / indices.shape[0]
 
-# %% ../nbs/00_masking.ipynb #9404db29
-def count_components(hidden: Tensor) -> Tensor:
-    "Connected regions (4-neighbour) of each boolean grid: [B, Gh, Gw] -> [B] int64."
+# %% ../nbs/00_masking.ipynb #0f79e798
+def count_components(hidden: Tensor, n_hidden: int | None = None) -> Tensor:
+    "Connected regions (4-neighbour) of each boolean grid: [B, Gh, Gw] -> [B] int64 (`n_hidden`: Trues per grid, if fixed)."
     b, gh, gw = hidden.shape
-    n = gh * gw
+    flat = hidden.reshape(b, gh * gw)                                                    # [B, L]
+    if n_hidden == 0: return torch.zeros(b, dtype=torch.int64, device=hidden.device)
+    if n_hidden is None:  # every patch, hidden or not
+        position, member = torch.arange(gh * gw, device=hidden.device).expand(b, -1), flat
+    else:                 # only the hidden patches: a D × D problem instead of L × L
+        position = flat.float().topk(n_hidden, dim=1).indices.sort(dim=1).values          # [B, D]
+        member = torch.ones_like(position, dtype=torch.bool)
+    row, col = position.div(gw, rounding_mode='floor'), position % gw                    # [B, D]
+    near = (row[:, :, None] - row[:, None]).abs() + (col[:, :, None] - col[:, None]).abs() <= 1
     dtype = torch.float16 if hidden.is_cuda else torch.float32  # 0/1 entries: any float type is exact enough for > 0
-    position = torch.arange(n, device=hidden.device)
-    row, col = position.div(gw, rounding_mode='floor'), position % gw
-    near = (row[:, None] - row[None]).abs() + (col[:, None] - col[None]).abs() <= 1  # [L, L] neighbours and self
-    flat = hidden.reshape(b, n)                                                      # [B, L]
-    reach = (near & flat[:, :, None] & flat[:, None, :]).to(dtype)                   # [B, L, L] one step
-    for _ in range(max(1, math.ceil(math.log2(n)))):
-        reach = (reach @ reach).clamp_(max=1)                                         # paths twice as long
-    reaches_earlier = reach.tril(-1).amax(2) > 0                                     # [B, L]
-    return (flat & ~reaches_earlier).sum(1)
+    reach = (near & member[:, :, None] & member[:, None]).to(dtype)                      # [B, D, D] one step
+    for _ in range(max(1, math.ceil(math.log2(position.shape[1])))):
+        reach = (reach @ reach).clamp_(max=1)                                             # paths twice as long
+    reaches_earlier = reach.tril(-1).amax(2) > 0                                         # [B, D]
+    return (member & ~reaches_earlier).sum(1)
 
 def visible_mask(kept: Kept, n_patches: int) -> Tensor:
     "True where a patch token is seen by the transformer (kept and not padding): [B, L] bool."
@@ -229,20 +240,310 @@ def visible_mask(kept: Kept, n_patches: int) -> Tensor:
 
 def mask_stats(kept: Kept, grid: tuple[int, int]) -> dict[str, Tensor]:
     "Statistics every strategy shares, as 0-d tensors on the indices' device."
-    hidden = ~visible_mask(kept, grid[0] * grid[1])                                  # [B, L]
+    n = grid[0] * grid[1]
+    hidden = ~visible_mask(kept, n)                                                      # [B, L]
+    n_hidden = n - kept.n_kept if kept.padding is None else None                         # fixed by the exact budget
     return {'drop_fraction': hidden.float().mean(),
-            'components': count_components(hidden.view(-1, *grid)).float().mean()}
+            'components': count_components(hidden.view(-1, *grid), n_hidden).float().mean()}
 
-# %% ../nbs/00_masking.ipynb #5e4b4534
+# %% ../nbs/00_masking.ipynb #8040f052
+PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'stereo_motorcycle')
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip's OPENAI_DATASET_STD
+
+def example_photos(image_size: int = 224, names: tuple[str, ...] = PHOTOS) -> Tensor:
+    "scikit-image's sample photographs, CLIP-preprocessed (resize, centre crop, normalise): [N, 3, S, S]."
+    try: from skimage import data
+    except ImportError as e: raise ImportError('example_photos needs scikit-image: pip install scikit-image') from e
+    photos = []
+    for name in names:
+        image = getattr(data, name)()
+        image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle is (left, right, disparity)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255                # [1, 3, h, w]
+        scale = image_size / min(x.shape[-2:])
+        size = [max(image_size, round(side * scale)) for side in x.shape[-2:]]
+        x = F.interpolate(x, size=size, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
+        top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+        photos.append(x[..., top:top + image_size, left:left + image_size])
+    x = torch.cat(photos)                                                                 # [N, 3, S, S]
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+def to_rgb(pixels: Tensor) -> Tensor:
+    "Undo CLIP's normalisation for display: [N, 3, H, W] -> [N, H, W, 3] in [0, 1]."
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (pixels.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+def show_mask(ax, pixels: Tensor, visible: Tensor, patch_size: int, title: str | None = None):
+    "Draw one image [3, H, W] with its hidden patches greyed out (`visible` [L] bool)."
+    image = to_rgb(pixels[None])[0]                                                       # [H, W, 3]
+    gh, gw = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
+    seen = visible.view(gh, gw).cpu().repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
+    ax.imshow(torch.where(seen[..., None], image, 0.25 * image + 0.6).numpy())
+    ax.set_xticks([]); ax.set_yticks([])
+    if title: ax.set_title(title, fontsize=9)
+
+# %% ../nbs/00_masking.ipynb #47261fd7
+NORMALIZATIONS = ('patch', 'none', 'image')
+
+def patch_features(pixels: Tensor, patch_size: int, normalize: str = 'patch') -> Tensor:
+    "Flattened patches of the pixels as fed to the model, normalised per `normalize`: [B, C, H, W] -> [B, L, p·p·C]."
+    x = pixels.float()
+    b, c, h, w = x.shape
+    p = patch_size
+    if normalize == 'image':
+        flat = x.reshape(b, -1)                                                          # [B, C·H·W]
+        x = (x - flat.mean(1).view(b, 1, 1, 1)) / (flat.var(1) + 1e-6).sqrt().view(b, 1, 1, 1)
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p * c)
+    if normalize == 'patch':
+        patches = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+    return patches                                                                         # [B, L, p·p·C]
+
+# %% ../nbs/00_masking.ipynb #c2a3b7b1
+def anchor_count(n_patches: int, anchor_ratio: float) -> int:
+    "Anchors per image, `L − floor(L·(1 − anchor_ratio))`; raises unless it is between 1 and L − 1."
+    n = n_patches - math.floor(n_patches * (1 - anchor_ratio))
+    if not 1 <= n < n_patches:
+        raise ValueError(f'anchor_ratio must give between 1 and {n_patches - 1} anchors for {n_patches} patches, '
+                         f'i.e. lie in (0, {1 - 1 / n_patches:.4g}]; got {anchor_ratio!r} ({n} anchors)')
+    return n
+
+def fusion_weight(features: str, fusion: str, progress: float) -> float:
+    "Weight `w` of the embedding similarity: 0 for 'rgb', 1 for 'embed', the schedule at `progress` for 'fused'."
+    if features == 'rgb': return 0.0
+    if features == 'embed': return 1.0
+    return progress if fusion == 'linear' else progress ** (1 / 3)
+
+def cosine_rows(features: Tensor, anchors: Tensor) -> Tensor:
+    "Cosine similarity of each anchor's feature to every patch's: [B, L, F], [B, n_a] -> [B, n_a, L]."
+    unit = F.normalize(features, dim=-1)                                                 # zero vectors stay zero
+    rows = unit.gather(1, anchors[..., None].expand(-1, -1, unit.shape[-1]))             # [B, n_a, F]
+    return rows @ unit.transpose(1, 2)                                                   # [B, n_a, L]
+
+def anchor_similarity(batch: MaskBatch, anchors: Tensor, features: str = 'rgb', normalize: str = 'patch',
+                      fusion: str = 'linear') -> Tensor:
+    "Similarity of each anchor to every patch (RGB, embedding or fused), anchors similar to themselves: [B, n_a, L]."
+    if features != 'rgb' and batch.tokens is None:
+        raise ValueError(f"cluster features {features!r} read the patch tokens: pass tokens [B, L, D]")
+    w = fusion_weight(features, fusion, batch.progress)
+    similarity = 0
+    if features != 'embed':
+        similarity = (1 - w) * cosine_rows(patch_features(batch.pixels, batch.patch_size, normalize), anchors)
+    if features != 'rgb':
+        similarity = similarity + w * cosine_rows(batch.tokens.detach().float(), anchors)
+    return similarity.scatter(2, anchors[..., None], 1.0).clamp(-1, 1)                   # [B, n_a, L]
+
+def draw_anchors(batch: MaskBatch, n_anchors: int) -> Tensor:
+    "Distinct anchors per image, uniformly at random and in random order: [B, n_a]."
+    return batch.noise(batch.L).topk(n_anchors, dim=1).indices
+
+# %% ../nbs/00_masking.ipynb #e6a174c4
+def trim_clusters(similarity: Tensor, tau: float, k: int, noise: Tensor) -> Tensor:
+    "Exact budget at a fixed τ: drop whole clusters in anchor order, the last partly, top up at random: [B, K]."
+    n_anchors = similarity.shape[1]
+    member = similarity > tau                                                            # [B, n_a, L]
+    clustered = member.any(1)                                                            # [B, L]
+    first = torch.where(clustered, member.float().argmax(1), n_anchors)                  # first cluster holding a patch
+    closeness = similarity.gather(1, first.clamp(max=n_anchors - 1)[:, None]).squeeze(1)  # [B, L]
+    # keep unclustered patches first (random among them), then later clusters, the least similar patches of a cluster first
+    return keep_top(first.float(), k, tiebreak=torch.where(clustered, -closeness, noise))
+
+def paper_budget(clustered: Tensor, min_drop: float, noise: Tensor) -> tuple[Tensor, Tensor]:
+    "The released code's `Lk` rule: indices [B, Lk] (visible patches first, then random clustered ones) and padding [B, Lk]."
+    n = clustered.shape[1]
+    visible = n - clustered.sum(1)                                                       # [B]
+    lk = max(1, min(math.floor(n * (1 - min_drop)), int(visible.max())))                # host sync: the batch's length
+    indices = keep_top((~clustered).float(), lk, tiebreak=noise)                         # [B, Lk]
+    return indices, clustered.gather(1, indices)                                         # padding: re-added clustered
+
+# %% ../nbs/00_masking.ipynb #01f0ce9e
+def masked_fraction(best: Tensor, tau: float, budget: str = 'exact', min_drop: float = 0.3) -> Tensor:
+    "Mean masked fraction a fixed τ gives on a batch whose best anchor similarities are `best` [B, L]: 0-d."
+    clustered = best > tau                                                               # [B, L]
+    coverage = clustered.float().mean(1)                                                 # [B]
+    if budget == 'exact': return coverage.mean()
+    n = best.shape[1]
+    lk = (n - clustered.sum(1)).max().clamp(min=1, max=max(1, math.floor(n * (1 - min_drop))))
+    return torch.maximum(coverage, 1 - lk / n).mean()
+
+def bisect_threshold(best: Tensor, target: float, budget: str = 'exact', min_drop: float = 0.3,
+                     tolerance: float = 1e-3, max_steps: int = 30) -> float:
+    "τ in [-1, 1] whose masked fraction on `best` [B, L] is `target` ± `tolerance` (capped bisection)."
+    low, high = -1.0, 1.0
+    for _ in range(max_steps):
+        tau = (low + high) / 2
+        fraction = masked_fraction(best, tau, budget, min_drop).item()                  # host sync: runs once
+        if abs(fraction - target) <= tolerance: break
+        low, high = (tau, high) if fraction > target else (low, tau)
+    return tau
+
+# %% ../nbs/00_masking.ipynb #a77837e9
+def check_choice(name: str, value, choices):
+    "Raise unless `value` is one of `choices`."
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {", ".join(map(repr, choices))}; got {value!r}')
+
+def check_cluster(params: dict, ratio: float):
+    "Validate the cluster strategy's parameters (those that do not depend on the image size)."
+    check_choice('features', params['features'], ('rgb', 'embed', 'fused'))
+    check_choice('fusion', params['fusion'], ('linear', 'cbrt'))
+    check_choice('normalize', params['normalize'], NORMALIZATIONS)
+    check_choice('budget', params['budget'], ('exact', 'paper'))
+    check_ratio(params['min_drop'], 'min_drop')
+    a, tau = params['anchor_ratio'], params['threshold']
+    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < 1:
+        raise ValueError(f'anchor_ratio must be in (0, 1) (at least one anchor, fewer than L), got {a!r}')
+    if tau not in ('adaptive', 'calibrated') and (
+            isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not -1 <= tau < 1):
+        raise ValueError(f"threshold must be 'adaptive', 'calibrated' or a similarity in [-1, 1); got {tau!r}")
+    if tau == 'adaptive' and params['budget'] != 'exact':
+        raise ValueError("threshold 'adaptive' fixes each image's budget exactly: use it with budget 'exact', "
+                         "or a fixed or 'calibrated' threshold with budget 'paper'")
+    if tau == 'calibrated' and params['budget'] == 'paper' and 0 < ratio < params['min_drop']:
+        raise ValueError(f"budget 'paper' masks at least min_drop = {params['min_drop']}: the calibration target "
+                         f"(the mask ratio) must be >= min_drop, got {ratio}")
+
+CLUSTER_DEFAULTS = dict(features='rgb', fusion='linear', normalize='patch', anchor_ratio=0.03, threshold='adaptive',
+                        budget='exact', min_drop=0.3)
+
+@register('cluster', CLUSTER_DEFAULTS, check_cluster, reads_tokens=lambda p: p['features'] != 'rgb')
+def cluster_mask(batch: MaskBatch, features: str, fusion: str, normalize: str, anchor_ratio: float,
+                 threshold: str | float, budget: str, min_drop: float) -> Kept:
+    "Cluster masking (Wei et al.): drop the union of the clusters of random anchors."
+    n_anchors = anchor_count(batch.L, anchor_ratio)
+    anchors = draw_anchors(batch, n_anchors)                                             # [B, n_a]
+    similarity = anchor_similarity(batch, anchors, features, normalize, fusion)          # [B, n_a, L]
+    best = similarity.amax(1)                                                            # [B, L]
+    noise = batch.noise(batch.L)                                                         # [B, L]
+    stats = {'n_anchors': torch.full((), float(n_anchors), device=batch.device)}
+    if threshold == 'adaptive':
+        indices = keep_top(-best, batch.K, tiebreak=noise)                               # [B, K]
+        stats['coverage'] = torch.full((), 1 - batch.K / batch.L, device=batch.device)
+        stats['threshold'] = best.gather(1, indices).amax(1).mean()
+        return Kept(indices, None, stats)
+    tau = bisect_threshold(best, batch.ratio, budget, min_drop) if threshold == 'calibrated' else float(threshold)
+    clustered = best > tau                                                               # [B, L]
+    stats['coverage'] = clustered.float().mean()
+    stats['threshold'] = torch.full((), tau, device=batch.device)
+    if budget == 'exact': return Kept(trim_clusters(similarity, tau, batch.K, noise), None, stats)
+    indices, padding = paper_budget(clustered, min_drop, noise)
+    return Kept(indices, padding, stats)
+
+# %% ../nbs/00_masking.ipynb #8bff4bcb
+RELEASED = dict(CLUSTER_DEFAULTS, threshold=0.5, budget='paper', min_drop=0.3)
+register('released', RELEASED, check_cluster, reads_tokens=lambda p: p['features'] != 'rgb',
+         summary="Cluster masking as the authors' code runs it: τ = 0.5, paper budget, min_drop 0.3.")(cluster_mask);
+
+# %% ../nbs/00_masking.ipynb #4afa2a73
+def calibrate_threshold(pixels: Tensor, ratio: float, patch_size: int, *, tokens: Tensor | None = None,
+                        generator: torch.Generator | None = None, progress: float = 0.0, tolerance: float = 1e-3,
+                        max_steps: int = 30, **params) -> float:
+    "The fixed cluster threshold τ at which this batch's mean masked fraction is `ratio` (cluster parameters as usual)."
+    _, params = resolve_strategy('cluster', {**params, 'threshold': 'calibrated'}, ratio)
+    batch = MaskBatch(pixels, patch_size, ratio, generator, tokens, None, progress)
+    with torch.no_grad():
+        anchors = draw_anchors(batch, anchor_count(batch.L, params['anchor_ratio']))     # [B, n_a]
+        best = anchor_similarity(batch, anchors, params['features'], params['normalize'], params['fusion']).amax(1)
+        return bisect_threshold(best, ratio, params['budget'], params['min_drop'], tolerance, max_steps)
+
+# %% ../nbs/00_masking.ipynb #84d50787
+def kmeans_assign(features: Tensor, centroids: Tensor) -> Tensor:
+    "Index of each patch's nearest centroid (squared Euclidean): [B, L, F], [B, k, F] -> [B, L]."
+    squared = (centroids * centroids).sum(-1)[:, None, :]                                  # [B, 1, k]
+    return torch.baddbmm(squared, features, centroids.transpose(1, 2), alpha=-2).argmin(-1)
+
+def kmeans(features: Tensor, k: int, steps: int, noise: Tensor) -> Tensor:
+    "Batched Lloyd's k-means, initialised at `k` distinct patches (the top-k of `noise` [B, L]): cluster ids [B, L]."
+    start = noise.topk(k, dim=1).indices                                                  # [B, k]
+    centroids = features.gather(1, start[..., None].expand(-1, -1, features.shape[-1]))   # [B, k, F]
+    for _ in range(steps):
+        members = F.one_hot(kmeans_assign(features, centroids), k).to(features.dtype)     # [B, L, k]
+        counts = members.sum(1)[..., None]                                                # [B, k, 1]
+        sums = members.transpose(1, 2) @ features                                         # [B, k, F]
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)        # empty: stays put
+    return kmeans_assign(features, centroids)
+
+def check_kmeans(params: dict, ratio: float):
+    "Validate the k-means strategy's parameters."
+    for name in ('n_clusters', 'steps'):
+        value = params[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (2 if name == 'n_clusters' else 1):
+            raise ValueError(f'{name} must be an integer >= {2 if name == "n_clusters" else 1}, got {value!r}')
+    check_choice('features', params['features'], ('rgb', 'embed'))
+    check_choice('normalize', params['normalize'], NORMALIZATIONS)
+
+@register('kmeans', dict(n_clusters=16, steps=10, features='rgb', normalize='patch'), check_kmeans,
+          reads_tokens=lambda p: p['features'] == 'embed')
+def kmeans_mask(batch: MaskBatch, n_clusters: int, steps: int, features: str, normalize: str) -> Kept:
+    "Ours-Kmeans: drop whole k-means clusters of patch features in random order."
+    if n_clusters > batch.L:
+        raise ValueError(f'n_clusters must be between 2 and the {batch.L} patches, got {n_clusters}')
+    if features == 'embed' and batch.tokens is None:
+        raise ValueError("kmeans features 'embed' read the patch tokens: pass tokens [B, L, D]")
+    x = patch_features(batch.pixels, batch.patch_size, normalize) if features == 'rgb' else batch.tokens.detach().float()
+    assign = kmeans(x, n_clusters, steps, batch.noise(batch.L))                           # [B, L]
+    order = batch.noise(n_clusters).gather(1, assign)                                     # [B, L]: a cluster's draw
+    indices = keep_top(order, batch.K, tiebreak=batch.noise(batch.L))                     # [B, K]
+    hidden = torch.ones_like(order, dtype=torch.bool).scatter(1, indices, False)          # [B, L]
+    last = torch.where(hidden, order, -1.0).amax(1, keepdim=True)                         # last cluster reached
+    used = torch.zeros(batch.B, n_clusters, device=batch.device).scatter(1, assign, 1.0)
+    return Kept(indices, None, {'coverage': (order <= last).float().mean(),
+                                'n_clusters': used.sum(1).mean()})
+
+# %% ../nbs/00_masking.ipynb #b6424f93
+@register('attention', reads_attention=True)
+def attention_mask(batch: MaskBatch) -> Kept:
+    "FLIP_Attn: keep the patches the class token attends to most."
+    if batch.cls_attention is None:
+        raise ValueError("strategy 'attention' needs cls_attention: a zero-argument callable returning the class "
+                         "token's attention to each patch, [B, L]")
+    attention = batch.cls_attention()                                                     # [B, L]
+    if attention.shape != (batch.B, batch.L):
+        raise ValueError(f'cls_attention() must return [B, L] = [{batch.B}, {batch.L}], got {tuple(attention.shape)}')
+    return Kept(keep_top(attention.detach().float(), batch.K))
+
+# %% ../nbs/00_masking.ipynb #16e81b81
+def check_block(params: dict, ratio: float):
+    "Validate the block strategy's parameters."
+    m, aspect = params['min_block'], params['aspect']
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
+        raise ValueError(f'min_block must be an integer >= 1 (patches), got {m!r}')
+    if isinstance(aspect, bool) or not isinstance(aspect, numbers.Real) or not 0 < aspect <= 1:
+        raise ValueError(f'aspect must be in (0, 1] (blocks between aspect and 1/aspect), got {aspect!r}')
+
+@register('block', dict(min_block=16, aspect=0.3), check_block)
+def block_mask(batch: MaskBatch, min_block: int, aspect: float) -> Kept:
+    "BEiT-style block-wise masking: drop random rectangles until exactly L − K patches are hidden."
+    gh, gw = batch.grid
+    n_blocks = math.ceil(4 * batch.L / min_block)
+    low, high = min(min_block, batch.L), max(min_block, batch.L - batch.K)
+    area = low + batch.noise(n_blocks) * (high - low)                                     # [B, M] in patches
+    stretch = torch.exp(math.log(aspect) * (1 - 2 * batch.noise(n_blocks)))               # log-uniform in [a, 1/a]
+    h = (area * stretch).sqrt().round().clamp(1, gh)                                      # [B, M]
+    w = (area / stretch).sqrt().round().clamp(1, gw)
+    top = (batch.noise(n_blocks) * (gh - h + 1)).floor()
+    left = (batch.noise(n_blocks) * (gw - w + 1)).floor()
+    position = torch.arange(batch.L, device=batch.device)
+    row, col = position.div(gw, rounding_mode='floor').float(), (position % gw).float()  # [L]
+    inside = ((row >= top[..., None]) & (row < (top + h)[..., None]) &
+              (col >= left[..., None]) & (col < (left + w)[..., None]))                   # [B, M, L]
+    covered = inside.any(1)                                                               # [B, L]
+    first = torch.where(covered, inside.float().argmax(1), n_blocks)                      # first block holding a patch
+    pick = lambda v: v.gather(1, first.clamp(max=n_blocks - 1))                           # [B, M] -> [B, L]
+    distance = (row - pick(top + (h - 1) / 2)) ** 2 + (col - pick(left + (w - 1) / 2)) ** 2
+    indices = keep_top(first.float(), batch.K, tiebreak=torch.where(covered, distance, batch.noise(batch.L)))
+    hidden = torch.ones_like(covered).scatter(1, indices, False)
+    used = torch.where(hidden, first, -1).amax(1) + 1
+    return Kept(indices, None, {'n_blocks': used.clamp(max=n_blocks).float().mean()})
+
+# %% ../nbs/00_masking.ipynb #c11b441b
 class PatchMasker(nn.Module):
     "Chooses the patch tokens a ViT keeps; no parameters, no buffers."
     def __init__(self, strategy: str = 'none', ratio: float = 0.0, patch_size: int = 16, *,
                  masked_inference: bool = False, **params):
         super().__init__()
-        check_ratio(ratio)
         if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
             raise ValueError(f'patch_size must be a positive integer, got {patch_size!r}')
-        self.spec, self.params = resolve_strategy(strategy, params)
+        self.spec, self.params = resolve_strategy(strategy, params, ratio)
         self.strategy, self.ratio, self.patch_size = strategy, ratio, patch_size
         self.masked_inference, self.progress = masked_inference, 0.0
         self.threshold_value: float | None = None  # the calibrated cluster threshold, once found
@@ -286,3 +587,59 @@ class PatchMasker(nn.Module):
         params = ''.join(f', {k}={v!r}' for k, v in self.params.items())
         return f'{self.strategy!r}, ratio={self.ratio}, patch_size={self.patch_size}{params}' + (
             ', masked_inference=True' if self.masked_inference else '')
+
+# %% ../nbs/00_masking.ipynb #2cea0d93
+BENCHMARK_CONFIGS = (('random', {}), ('gaussian', {}), ('cluster', {}), ('cluster', {'features': 'fused'}),
+                     ('cluster', {'threshold': 0.7}), ('released', {}), ('kmeans', {}), ('attention', {}), ('block', {}))
+
+def benchmark_masking(batch: int = 256, image_size: int = 224, patch_size: int = 16, device=None, *, ratio: float = 0.5,
+                      step_batch: int | None = None, repeats: int = 3, model: str = 'ViT-B-16',
+                      configs=BENCHMARK_CONFIGS) -> dict:
+    "Time mask generation per strategy and print it as a fraction of one `model` training step on the same device."
+    import open_clip
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    step_batch = step_batch or (batch if device.type == 'cuda' else 4)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    def seconds(fn, times=repeats):  # median over `times` runs after a warm-up run
+        fn(); sync()
+        runs = []
+        for _ in range(times):
+            start = time.perf_counter(); fn(); sync(); runs.append(time.perf_counter() - start)
+        return sorted(runs)[len(runs) // 2]
+
+    generator = torch.Generator(device).manual_seed(0)
+    coarse = torch.randn(batch, 3, image_size // 8, image_size // 8, generator=generator, device=device)
+    pixels = F.interpolate(coarse, size=image_size, mode='bilinear', align_corners=False)             # [B, 3, S, S]
+    pixels = pixels + 0.1 * torch.randn(pixels.shape, generator=generator, device=device)
+    n = (image_size // patch_size) ** 2
+    tokens = torch.randn(batch, n, 768, generator=generator, device=device)                           # [B, L, D]
+    attention = torch.rand(batch, n, generator=generator, device=device)                               # [B, L]
+    rows = []
+    for name, params in configs:
+        run = lambda with_stats: mask_patches(pixels, name, ratio, patch_size, tokens=tokens, generator=generator,
+                                              cls_attention=lambda: attention, with_stats=with_stats, **params)
+        mask, total = seconds(lambda: run(False)), seconds(lambda: run(True))
+        rows.append({'strategy': name, **params, 'mask_s': mask, 'stats_s': max(0.0, total - mask)})
+
+    net = open_clip.create_model(model, device=device, output_dict=True).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    images = torch.randn(step_batch, 3, image_size, image_size, generator=generator, device=device)
+    texts = torch.randint(0, 49408, (step_batch, 77), generator=generator, device=device)
+    labels = torch.arange(step_batch, device=device)
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            out = net(images, texts)
+            logits = out['logit_scale'] * out['image_features'] @ out['text_features'].T                # [b, b]
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+    step_s = seconds(step, 1 if device.type == 'cpu' else repeats) * batch / step_batch  # a CPU step takes minutes
+    del net, optimizer
+
+    print(f'{model} training step on {device} ({"scaled from " + str(step_batch) + " images" if step_batch != batch else "measured"}): '
+          f'{step_s:.2f} s for {batch} images; masking at ratio {ratio}:')
+    for row in rows:
+        label = row['strategy'] + ''.join(f' {k}={v}' for k, v in row.items() if k not in ('strategy', 'mask_s', 'stats_s'))
+        row['fraction'], row['fraction_with_stats'] = row['mask_s'] / step_s, (row['mask_s'] + row['stats_s']) / step_s
+        print(f'  {label:<28} {1e3 * row["mask_s"]:9.1f} ms = {row["fraction"]:7.2%} of a step'
+              f'   (+ statistics {1e3 * row["stats_s"]:8.1f} ms: {row["fraction_with_stats"]:7.2%})')
+    return {'device': str(device), 'batch': batch, 'step_batch': step_batch, 'step_s': step_s, 'rows': rows}
