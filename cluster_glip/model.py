@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
-           'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedImageTower',
-           'MaskedCLIP', 'MaskedCustomTextCLIP', 'create_model', 'patch_slice', 'forward_gflops']
+           'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
+           'create_model', 'patch_slice', 'forward_gflops']
 
-# %% ../nbs/01_model.ipynb #fa192f86
+# %% ../nbs/01_model.ipynb #02b29141
 import math, os
 from dataclasses import asdict
 from importlib.resources import files
@@ -15,11 +15,12 @@ from importlib.resources import files
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIP, CustomTextCLIP, get_cast_dtype, convert_weights_to_lp, set_model_preprocess_cfg
+from open_clip.model import CLIP, get_cast_dtype, convert_weights_to_lp, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 
 from .masking import Kept, PatchMasker
 
@@ -127,11 +128,12 @@ def class_attention(visual: VisionTransformer, pixels: Tensor) -> Tensor:
     logits = q[:, :, :1].float() @ k.float().transpose(-1, -2) / math.sqrt(D // H)   # [B, H, 1, N]
     return logits.softmax(-1).mean(1)[:, 0, 1:]                               # [B, L]
 
-# %% ../nbs/01_model.ipynb #de407a1f
-class MaskedImageTower:
-    "The masked image forward for open_clip's CLIP classes (mixed in before `CLIP` / `CustomTextCLIP`)."
-    visual: VisionTransformer
-    masker: PatchMasker
+# %% ../nbs/01_model.ipynb #e652f6cb
+class MaskedCLIP(CLIP):
+    "open_clip's `CLIP` with a masked image forward and a `masker`; same parameters and state dict."
+    def __init__(self, *args, masker: PatchMasker | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masker = masker if masker is not None else PatchMasker('none', 0.0, self.visual.patch_size[0])
 
     @torch.compiler.disable   # strategies draw with a generator and may sync with the host: always eager
     @torch.no_grad()
@@ -177,22 +179,13 @@ class MaskedImageTower:
         if self.logit_bias is not None: out['logit_bias'] = self.logit_bias
         return out
 
-class MaskedCLIP(MaskedImageTower, CLIP):
-    "open_clip's `CLIP` with a masked image forward; same parameters and state dict."
-    def __init__(self, *args, masker: PatchMasker | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.masker = masker if masker is not None else PatchMasker('none', 0.0, self.visual.patch_size[0])
-
-class MaskedCustomTextCLIP(MaskedImageTower, CustomTextCLIP):
-    "open_clip's `CustomTextCLIP` with a masked image forward; same parameters and state dict."
-    def __init__(self, *args, masker: PatchMasker | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.masker = masker if masker is not None else PatchMasker('none', 0.0, self.visual.patch_size[0])
-
-# %% ../nbs/01_model.ipynb #b0379b34
-def _check_supported(name: str, vision_cfg: dict):
-    "Raise if `vision_cfg` is not a plain open_clip ViT, the only tower the masked forward is written for."
+# %% ../nbs/01_model.ipynb #5aca54c4
+def _check_supported(name: str, cfg: dict):
+    "Raise unless `cfg` is open_clip's `CLIP` with a plain ViT image tower, the model the masked forward is written for."
+    vision_cfg = cfg['vision_cfg']
     problems = [what for what, bad in [
+        ('a separate text module (custom_text / Hugging Face text tower)',
+         cfg.get('custom_text') or 'hf_model_name' in cfg['text_cfg'] or 'multimodal_cfg' in cfg),
         ('a timm image tower', vision_cfg.get('timm_model_name')),
         ('a ResNet image tower', isinstance(vision_cfg.get('layers'), (list, tuple))),
         ('attentional pooling', vision_cfg.get('attentional_pool')),
@@ -205,7 +198,7 @@ def _check_supported(name: str, vision_cfg: dict):
 
 def create_model(name: str, *, pretrained: str | None = None, masker: PatchMasker | None = None,
                  device: str | torch.device | None = None, precision: str = 'fp32', image_size: int | None = None,
-                 **model_kwargs) -> MaskedCLIP | MaskedCustomTextCLIP:
+                 **model_kwargs) -> MaskedCLIP:
     "open_clip model `name` with a masked image forward and `masker` (no masking when None); state dict as open_clip's."
     cfg = open_clip.get_model_config(name.replace('/', '-'))
     if cfg is None:
@@ -213,11 +206,9 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
     if precision not in ('fp32', 'amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16'):
         raise ValueError(f"precision must be one of fp32, bf16, fp16, pure_bf16, pure_fp16 (open_clip's), got {precision!r}")
     if image_size is not None: cfg['vision_cfg']['image_size'] = image_size
-    _check_supported(name, cfg['vision_cfg'])
-    custom_text = cfg.pop('custom_text', False) or 'hf_model_name' in cfg['text_cfg']
+    _check_supported(name, cfg)
     cfg.update(model_kwargs)
-    model_class = MaskedCustomTextCLIP if custom_text else MaskedCLIP
-    model = model_class(**cfg, cast_dtype=get_cast_dtype(precision), masker=masker)
+    model = MaskedCLIP(**cfg, cast_dtype=get_cast_dtype(precision), masker=masker)
     patch = model.visual.patch_size[0]
     if getattr(model.masker, 'patch_size', patch) != patch:
         raise ValueError(f'the masker cuts {model.masker.patch_size} px patches but {name} has {patch} px patches: '
