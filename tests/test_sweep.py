@@ -1,0 +1,102 @@
+"""End-to-end sweeps through the papermill pre-training notebook (tiny model, a few steps), and every packaged ablation
+validating point by point."""
+import json, time
+from pathlib import Path
+
+import pytest
+
+from cluster_glip.sweep import SweepError, dry_run, ensure_synthetic_bundle, expand, load_sweep, run_sweep, sweep_names
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATIONS = ('strategy', 'mask_ratio', 'glip_sigma', 'anchor_ratio', 'normalization', 'fusion', 'threshold_budget',
+             'unmasked_tuning', 'cpu_mini')
+
+
+def test_every_ablation_of_spec_9_ships_and_every_point_validates():
+    assert set(ABLATIONS) <= set(sweep_names())
+    for name in sweep_names():
+        spec = load_sweep(name)
+        rows = dry_run(spec)
+        assert len(rows) == len(expand(spec)) >= 3, name
+        assert spec.get('description') and isinstance(spec.get('paper'), dict), f'{name}: needs a description and a paper key'
+    strategies = {r['masking']['strategy'] for r in dry_run('strategy')}
+    assert strategies == {'none', 'random', 'gaussian', 'cluster', 'kmeans', 'attention'}
+    assert {r['image_size'] for r in dry_run('strategy')} == {None, 160, 112, 64}
+    assert {r['masking']['ratio'] for r in dry_run('mask_ratio')} == {0.5, 0.75, 0.9, 0.918}
+    assert {r['masking']['normalize'] for r in dry_run('normalization')} == {'patch', 'none', 'image'}
+    assert {(r['masking']['features'], r['masking'].get('fusion')) for r in dry_run('fusion')} >= {('rgb', None), ('embed', None), ('fused', 'linear'), ('fused', 'cbrt')}
+    assert {r['tune_epochs'] for r in dry_run('unmasked_tuning')} == {None, 1.0}
+
+
+def test_paper_numbers_name_points_of_their_sweep():
+    "Every published row names a variant (or axis value) the sweep has, so the results page can set it beside ours."
+    for name in sweep_names():
+        spec, points = load_sweep(name), expand(name)
+        for row in spec['paper'].get('rows', []):
+            labels = {k: v for k, v in row.items() if k in points[0].labels}
+            assert labels, f'{name}: paper row {row} names no axis of the sweep'
+            if name != 'mask_ratio' or row.get('variant') != 'clip':   # the CLIP reference row has no point there
+                assert any(all(p.labels.get(k) == v for k, v in labels.items()) for p in points), f'{name}: {row}'
+
+
+def test_a_bad_point_fails_validation_with_its_name():
+    spec = load_sweep('cpu_mini')
+    spec['grid'] = {'overrides.masking.ratio': [0.5, 1.5]}
+    with pytest.raises(SweepError, match='ratio=1.5'): dry_run(spec)
+
+
+SMALL = dict(n_train=256, image_size=32, shard_size=128, n_zeroshot=48, n_retrieval=16, n_sugarcrepe=4, processes=1)
+
+
+@pytest.fixture(scope='module')
+def swept(tmp_path_factory):
+    "One sweep of three tiny points (3 steps each): two that train and evaluate, one whose training data are missing."
+    root = tmp_path_factory.mktemp('runs')
+    bundle = ensure_synthetic_bundle(root/'synthetic', **SMALL)
+    masking = {'strategy': 'random', 'ratio': 0.5}
+    spec = {'name': 'two', 'description': 'two tiny points and a broken one',
+            'base': {'config': 'tiny', 'synthetic_root': bundle['root'], 'synthetic_args': SMALL, 'eval_suite': 'synthetic',
+                     'n_example_masks': 2, 'overrides': {'model': 'tiny-vit-32', 'steps': 3, 'batch_size': 16, 'warmup': 1,
+                                                         'log_every': 1, 'checkpoint_every': 100, 'workers': 0}},
+            'variants': [{'name': 'flip', 'overrides.masking': masking},
+                         {'name': 'cluster', 'overrides.masking': {'strategy': 'cluster', 'ratio': 0.5}},
+                         # valid as a config (the runner's validation passes), fails in the notebook: no such shards
+                         {'name': 'bad', 'overrides.masking': masking, 'synthetic_root': None,
+                          'overrides.train_data': str(root/'nowhere'/'{0..1}.tar')}]}
+    return spec, root, run_sweep(spec, root=root, cwd=ROOT)
+
+
+def test_sweep_end_to_end_results_table(swept):
+    spec, root, rows = swept
+    done = [r for r in rows if r['point'] != 'bad']
+    assert {r['status'] for r in done} == {'done'} and {r['variant'] for r in done} == {'flip', 'cluster'}
+    for point in ('flip', 'cluster'):
+        metrics = {r['metric']: r['value'] for r in done if r['point'] == point}
+        assert 0 <= metrics['synthetic_shapes/top1'] <= 1 and metrics['train/steps'] == 3, point
+        assert abs(metrics['train/mask_drop_fraction'] - 0.5) < 1e-6
+        folder = root/'two'/point
+        for name in ('done', 'metrics.json', 'pretrain.ipynb', 'example_masks.png', 'training_curves.png', 'eval_rows.jsonl'):
+            assert (folder/name).is_file(), f'{point}: no {name}'
+        assert Path(json.loads((folder/'metrics.json').read_text())['checkpoint']).is_file()
+    csv_lines = (root/'two'/'results.csv').read_text().splitlines()
+    assert csv_lines[0].startswith('sweep,point,status,variant') and len(csv_lines) == len(rows) + 1
+    assert json.loads((root/'two'/'results.json').read_text()) == json.loads(json.dumps(rows))
+
+
+def test_a_failing_point_is_recorded_and_the_others_complete(swept):
+    spec, root, rows = swept
+    bad = [r for r in rows if r['point'] == 'bad']
+    assert len(bad) == 1 and bad[0]['status'] == 'failed' and bad[0]['metric'] is None
+    assert 'sizes.json' in bad[0]['error'] and Path(bad[0]['notebook']).is_file()
+    assert 'nowhere' in Path(bad[0]['notebook']).read_text()      # the saved notebook shows where it stopped
+    assert not (root/'two'/'bad'/'done').exists()
+    assert any(r['point'] == 'flip' and r['metric'] == 'synthetic_shapes/top1' for r in rows)
+
+
+def test_finished_points_are_skipped(swept):
+    spec, root, rows = swept
+    marker = (root/'two'/'flip'/'done').stat().st_mtime_ns
+    start = time.perf_counter()
+    again = run_sweep(spec, root=root, cwd=ROOT, only='flip|cluster')   # both finished: nothing runs
+    assert time.perf_counter() - start < 5 and (root/'two'/'flip'/'done').stat().st_mtime_ns == marker
+    assert again == [r for r in rows if r['point'] != 'bad']
