@@ -145,7 +145,7 @@ def resolve_strategy(strategy: str, params: dict, ratio: float = 0.0) -> tuple[S
     spec.check(params, ratio)
     return spec, params
 
-# %% ../nbs/00_masking.ipynb #edbbf800
+# %% ../nbs/00_masking.ipynb #b169ec2d
 def all_patches(batch_size: int, n_patches: int, device) -> Kept:
     "The identity decision: every patch kept, no padding."
     indices = torch.arange(n_patches, device=device).repeat(batch_size, 1)           # [B, L]
@@ -157,7 +157,7 @@ def mask_patches(pixels: Tensor, strategy: str, ratio: float, patch_size: int, *
     "Decide which patch tokens of `pixels` [B, C, H, W] to keep with `strategy` at mask `ratio`."
     spec, params = resolve_strategy(strategy, params, ratio)
     batch = MaskBatch(pixels, patch_size, ratio, generator, tokens, cls_attention, progress)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(batch.device.type, enabled=False):  # similarities in full precision
         if strategy == 'none' or ratio == 0: kept = all_patches(batch.B, batch.L, batch.device)
         else: kept = spec.make(batch, **params)
         if with_stats: kept.stats = {**mask_stats(kept, batch.grid), **kept.stats}
@@ -588,7 +588,7 @@ class PatchMasker(nn.Module):
         return f'{self.strategy!r}, ratio={self.ratio}, patch_size={self.patch_size}{params}' + (
             ', masked_inference=True' if self.masked_inference else '')
 
-# %% ../nbs/00_masking.ipynb #2cea0d93
+# %% ../nbs/00_masking.ipynb #4f20513f
 BENCHMARK_CONFIGS = (('random', {}), ('gaussian', {}), ('cluster', {}), ('cluster', {'features': 'fused'}),
                      ('cluster', {'threshold': 0.7}), ('released', {}), ('kmeans', {}), ('attention', {}), ('block', {}))
 
