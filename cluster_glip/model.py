@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
            'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
-           'create_model', 'patch_slice', 'forward_gflops']
+           'create_model', 'patch_slice', 'kept_rows', 'forward_gflops']
 
-# %% ../nbs/01_model.ipynb #02b29141
+# %% ../nbs/01_model.ipynb #6c75d9f5
 import math, os
 from dataclasses import asdict
 from importlib.resources import files
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from .masking import Kept, PatchMasker
+from .masking import Kept, PatchMasker, keep_count
 
 # %% ../nbs/01_model.ipynb #41689a7e
 CONFIG_DIR = files('cluster_glip') / 'model_configs'   # our open_clip model configs (JSON)
@@ -87,7 +87,7 @@ def run_blocks(visual: VisionTransformer, x: Tensor, attn_mask: Tensor | None = 
             x = residual_block(block, x, attn_mask)
     return x                                                                  # [B, N, D]
 
-# %% ../nbs/01_model.ipynb #616958a2
+# %% ../nbs/01_model.ipynb #d982c4f7
 def pool(visual: VisionTransformer, x: Tensor, padding: Tensor | None = None) -> Tensor:
     "Image features [B, E] from the last block's tokens `x` [B, 1 + K, D], ignoring padding slots."
     if not visual.final_ln_after_pool: x = visual.ln_post(x)
@@ -95,7 +95,7 @@ def pool(visual: VisionTransformer, x: Tensor, padding: Tensor | None = None) ->
         if padding is None: pooled = x[:, 1:].mean(1)
         else:
             weight = (~padding).to(x.dtype)[..., None]                        # [B, K, 1]
-            pooled = (x[:, 1:] * weight).sum(1) / weight.sum(1)
+            pooled = (x[:, 1:] * weight).sum(1) / weight.sum(1).clamp(min=1)   # all padding: zeros
     else: pooled = x[:, 0]                                                    # [B, D]
     if visual.final_ln_after_pool: pooled = visual.ln_post(pooled)
     return pooled @ visual.proj if visual.proj is not None else pooled        # [B, E]
@@ -179,7 +179,7 @@ class MaskedCLIP(CLIP):
         if self.logit_bias is not None: out['logit_bias'] = self.logit_bias
         return out
 
-# %% ../nbs/01_model.ipynb #5aca54c4
+# %% ../nbs/01_model.ipynb #4d98433e
 def _check_supported(name: str, cfg: dict):
     "Raise unless `cfg` is open_clip's `CLIP` with a plain ViT image tower, the model the masked forward is written for."
     vision_cfg = cfg['vision_cfg']
@@ -189,6 +189,7 @@ def _check_supported(name: str, cfg: dict):
         ('a timm image tower', vision_cfg.get('timm_model_name')),
         ('a ResNet image tower', isinstance(vision_cfg.get('layers'), (list, tuple))),
         ('attentional pooling', vision_cfg.get('attentional_pool')),
+        ("open_clip's patch_dropout (use PatchMasker('random', ratio) instead)", vision_cfg.get('patch_dropout', 0) > 0),
         ("pool_type 'none'", vision_cfg.get('pool_type') == 'none'),
         ('custom attention blocks', vision_cfg.get('block_type') == 'custom' or any(vision_cfg.get(k) for k in (
             'qk_norm', 'scaled_cosine_attn', 'scale_heads', 'scale_attn_inner', 'scale_attn', 'scale_fc')))] if bad]
@@ -200,14 +201,15 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
                  device: str | torch.device | None = None, precision: str = 'fp32', image_size: int | None = None,
                  **model_kwargs) -> MaskedCLIP:
     "open_clip model `name` with a masked image forward and `masker` (no masking when None); state dict as open_clip's."
-    cfg = open_clip.get_model_config(name.replace('/', '-'))
+    name = name.replace('/', '-')                                            # open_clip accepts ViT-B/16 too
+    cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(f'unknown model {name!r}: use one of open_clip.list_models(), e.g. ViT-B-16 or tiny-vit-64')
     if precision not in ('fp32', 'amp', 'amp_bf16', 'amp_bfloat16', 'bf16', 'fp16', 'pure_bf16', 'pure_fp16'):
         raise ValueError(f"precision must be one of fp32, bf16, fp16, pure_bf16, pure_fp16 (open_clip's), got {precision!r}")
-    if image_size is not None: cfg['vision_cfg']['image_size'] = image_size
-    _check_supported(name, cfg)
     cfg.update(model_kwargs)
+    if image_size is not None: cfg['vision_cfg'] = dict(cfg['vision_cfg'], image_size=image_size)
+    _check_supported(name, cfg)
     model = MaskedCLIP(**cfg, cast_dtype=get_cast_dtype(precision), masker=masker)
     patch = model.visual.patch_size[0]
     if getattr(model.masker, 'patch_size', patch) != patch:
@@ -236,14 +238,19 @@ def patch_slice(index: int, grid_width: int, patch_size: int) -> tuple[slice, sl
     row, col = divmod(int(index), grid_width)
     return slice(row * patch_size, (row + 1) * patch_size), slice(col * patch_size, (col + 1) * patch_size)
 
-# %% ../nbs/01_model.ipynb #162e9ff2
+# %% ../nbs/01_model.ipynb #9fdbabe6
+def kept_rows(kept: Kept, rows: slice | Tensor) -> Kept:
+    "The plan for a sub-batch: `kept`'s `rows` (a slice or index tensor), same `K`, the whole batch's `stats`."
+    return Kept(indices=kept.indices[rows], padding=None if kept.padding is None else kept.padding[rows], stats=kept.stats)
+
+# %% ../nbs/01_model.ipynb #452356bd
 def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: int | None = None) -> dict:
     "Forward GFLOPs per sample of model `name` (image tower at `image_size` px keeping `keep_count(L, ratio)` patches, text tower)."
     with torch.device('meta'): model = create_model(name)
     size = image_size or model.visual.image_size[0]
     patch = model.visual.patch_size[0]
     L = (size // patch) ** 2
-    K = max(1, math.floor(L * (1 - ratio)))                                  # SPEC §1: K = max(1, floor(L·(1 − r)))
+    K = keep_count(L, ratio)                                                 # SPEC §1: K = max(1, floor(L·(1 − r)))
     images = torch.empty(1, 3, size, size, device='meta')
     kept = Kept(indices=torch.arange(K, device='meta')[None], padding=None, stats={})
     texts = torch.zeros(1, model.context_length, dtype=torch.long, device='meta')

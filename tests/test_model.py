@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from open_clip.model import CLIP
 
 from cluster_glip.masking import STRATEGIES, Kept, PatchMasker, keep_count
-from cluster_glip.model import all_kept, create_model, patch_slice
+from cluster_glip.model import all_kept, class_attention, create_model, forward_gflops, kept_rows, patch_slice
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # tiny-vit-32: 4×4 patches of 8 px
 TEXTS = torch.randint(1, 49407, (3, 77), generator=torch.Generator().manual_seed(1))
@@ -115,21 +115,57 @@ def test_unmasked_vit_b16_equals_open_clip():
 
 # --- masking through the model -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('strategy', sorted(STRATEGIES))
+VARIANTS = [(name, {}) for name in sorted(STRATEGIES)] + [
+    ('cluster', dict(features='embed')), ('cluster', dict(features='fused', fusion='cbrt')),
+    ('cluster', dict(threshold=0.5, budget='exact')), ('cluster', dict(threshold='calibrated', budget='paper')),
+    ('kmeans', dict(features='embed', n_clusters=4))]
+
+
+def seen_patches(kept: Kept, n_patches: int) -> torch.Tensor:
+    "[B, L] bool: the patches the transformer attends to (kept and not padding)."
+    seen = torch.ones_like(kept.indices, dtype=torch.bool) if kept.padding is None else ~kept.padding
+    return torch.zeros(kept.indices.shape[0], n_patches, dtype=torch.bool).scatter(1, kept.indices, seen)
+
+
+@pytest.mark.parametrize('strategy, params', VARIANTS, ids=[f'{n}-{p}' if p else n for n, p in VARIANTS])
 @pytest.mark.parametrize('ratio', [0.5, 0.75])
-def test_dropped_patches_have_no_influence(strategy, ratio):
-    "Every strategy: perturbing every patch the plan left out (or padded) leaves all features exactly unchanged."
-    model = tiny(PatchMasker(strategy, ratio, patch_size=8)).train()
+def test_dropped_patches_have_no_influence(strategy, params, ratio):
+    "Every strategy: perturbing every patch the plan left out (or padded) leaves all features unchanged."
+    model = tiny(PatchMasker(strategy, ratio, patch_size=8, **params)).train()
+    model.masker.progress = 0.5
     kept = model.plan_mask(IMAGES, torch.Generator().manual_seed(0))
     L = 16
     if strategy != 'none' and kept.padding is None: assert kept.indices.shape == (3, keep_count(L, ratio))
-    seen = torch.zeros(3, L, dtype=torch.bool).scatter(
-        1, kept.indices, torch.ones_like(kept.indices, dtype=torch.bool) if kept.padding is None else ~kept.padding)
+    seen = seen_patches(kept, L)
     with torch.no_grad():
         base = model.encode_image(IMAGES, kept=kept)
         for image in range(3):
             unseen = [i for i in range(L) if not seen[image, i]]
             assert torch.allclose(model.encode_image(perturbed(IMAGES, image, unseen), kept=kept), base, atol=1e-6)
+
+
+def structured_images():
+    "Image 0: 12 identical patches (one big cluster) and 4 noise patches; images 1-2: noise (few clusters)."
+    images = IMAGES.clone()
+    tile = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(5))
+    for index in range(12): images[0, :, *patch_slice(index, 4, 8)] = tile
+    return images
+
+
+@pytest.mark.parametrize('strategy, params', [('released', {}), ('cluster', dict(threshold=0.9, budget='paper'))])
+def test_paper_budget_padding_is_hidden(strategy, params):
+    "A real paper-budget plan pads image 0; its padding patches do not matter, and would if they were not masked."
+    model = tiny(PatchMasker(strategy, 0.5, patch_size=8, **params)).train()
+    images = structured_images()
+    kept = next(k for seed in range(20) if (k := model.plan_mask(images, torch.Generator().manual_seed(seed))).padding[0].any())
+    padded = kept.indices[0][kept.padding[0]].tolist()
+    assert kept.padding.shape == kept.indices.shape and not kept.padding[1:].any()
+    with torch.no_grad():
+        base = model.encode_image(images, kept=kept)
+        assert torch.allclose(model.encode_image(perturbed(images, 0, padded), kept=kept), base, atol=1e-6)
+        unmasked = Kept(kept.indices, None, {})
+        changed = model.encode_image(perturbed(images, 0, padded), kept=unmasked)
+        assert not torch.allclose(changed[0], model.encode_image(images, kept=unmasked)[0], atol=1e-4)
 
 
 def test_gradient_accumulation_reuses_the_plan():
@@ -138,7 +174,7 @@ def test_gradient_accumulation_reuses_the_plan():
     kept = model.plan_mask(IMAGES, torch.Generator().manual_seed(0))
     with torch.no_grad():
         whole = model.encode_image(IMAGES, kept=kept)
-        part = model.encode_image(IMAGES[:2], kept=Kept(kept.indices[:2], None, {}))
+        part = model.encode_image(IMAGES[:2], kept=kept_rows(kept, slice(0, 2)))
         assert torch.equal(model.encode_image(IMAGES, kept=kept), whole)
     assert torch.allclose(part, whole[:2], atol=1e-6)
 
@@ -162,9 +198,7 @@ def test_any_kept_set_any_order(data):
 
 
 def test_attention_strategy_gets_the_class_attention_of_a_full_forward():
-    "The `attention` strategy (if registered) keeps the patches the class token attends to most."
-    if 'attention' not in STRATEGIES: pytest.skip('the attention strategy is not in cluster_glip.masking yet')
-    from cluster_glip.model import class_attention
+    "The `attention` strategy keeps the patches the class token attends to most in the model's own full forward."
     model = tiny(PatchMasker('attention', 0.5, patch_size=8)).train()
     kept = model.plan_mask(IMAGES, torch.Generator().manual_seed(0))
     expected = class_attention(model.visual, IMAGES).topk(8, dim=1).indices.sort(1).values
@@ -179,6 +213,8 @@ def test_attention_strategy_gets_the_class_attention_of_a_full_forward():
     (dict(name='coca_ViT-B-32'), 'attentional pooling'),
     (dict(name='tiny-vit-32', masker=PatchMasker('random', 0.5, patch_size=16)), 'patch_size=8'),
     (dict(name='tiny-vit-32', precision='fp8'), 'precision must be'),
+    (dict(name='tiny-vit-32', vision_cfg=dict(open_clip.get_model_config('tiny-vit-32')['vision_cfg'], patch_dropout=0.5)),
+     "PatchMasker\\('random', ratio\\)"),
     (dict(name='tiny-vit-32', pretrained='/no/such/file.pt'), 'checkpoint file or an open_clip tag'),
 ])
 def test_errors_say_what_to_do(kwargs, message):
@@ -193,7 +229,6 @@ def test_kept_for_another_batch_is_refused():
 
 def test_forward_gflops_counts_the_kept_tokens_only():
     "The library's FLOP count on a tiny model: 1 + K tokens, the closed form of a ViT, text tower unchanged by masking."
-    from cluster_glip.model import forward_gflops
     full, half = forward_gflops('tiny-vit-64'), forward_gflops('tiny-vit-64', ratio=0.5)
     assert (full['tokens'], half['tokens']) == (65, 33) and full['text'] == half['text']
     closed_form = lambda n: (4 * (24 * n * 128 ** 2 + 4 * n ** 2 * 128) + 2 * 64 * 3 * 8 ** 2 * 128 + 2 * 128 * 128) / 1e9
