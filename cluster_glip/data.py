@@ -12,7 +12,7 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'SKIP_REASONS', 'CONVERSIONS', 'IMAGE_EXTENS
            'write_zeroshot_set', 'write_retrieval_set', 'composition_item', 'write_sugarcrepe_set',
            'write_synthetic_bundle', 'resolve_bundle', 'folder_to_shards', 'synth_cli', 'loader_throughput']
 
-# %% ../nbs/02_data.ipynb #0b3b6416
+# %% ../nbs/02_data.ipynb #13895bc7
 import csv, functools, hashlib, io, json, math, multiprocessing, os, random, tarfile, time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -30,27 +30,44 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-# %% ../nbs/02_data.ipynb #748beba5
+# %% ../nbs/02_data.ipynb #131c113b
 def encode_image(image: Image.Image, fmt: str = 'jpg') -> bytes:
     "Image bytes: JPEG (quality 95, no chroma subsampling), lossless WebP, or PNG."
     buffer = io.BytesIO()
     if fmt in ('jpg', 'jpeg'): image.save(buffer, 'JPEG', quality=95, subsampling=0)
-    elif fmt == 'webp': image.save(buffer, 'WEBP', lossless=True)
+    elif fmt == 'webp': image.save(buffer, 'WEBP', lossless=True, quality=0, method=0)  # lossless; least effort
     elif fmt == 'png': image.save(buffer, 'PNG')
     else: raise ValueError(f"image format must be jpg, webp or png, got {fmt!r}")
     return buffer.getvalue()
 
 
+def _tar_header(name: str, size: int) -> bytes:
+    "The 512-byte ustar header of a regular file (mode 644, owner 0, time 0): what `tar` writes, minus the variety."
+    encoded = name.encode()
+    if len(encoded) > 100: raise ValueError(f"tar member names are limited to 100 bytes here, got {name!r}")
+    header = bytearray(512)
+    header[0:len(encoded)] = encoded
+    header[100:136] = b'0000644\x000000000\x000000000\x00' + b'%011o\x00' % size
+    header[136:148] = b'00000000000\x00'  # modification time 0
+    header[148:156] = b' ' * 8  # the checksum is computed with its own field as spaces
+    header[156:157] = b'0'  # a regular file
+    header[257:265] = b'ustar\x0000'
+    header[148:156] = b'%06o\x00 ' % sum(header)
+    return bytes(header)
+
+
 def write_tar(path, samples) -> int:
     "Write `(key, {extension: bytes})` samples into one tar, reproducibly; returns the number of samples."
     n = 0
-    with tarfile.open(path, 'w', format=tarfile.GNU_FORMAT) as tar:
+    with open(path, 'wb') as f:
         for key, files in samples:
             for ext, data in files.items():
-                info = tarfile.TarInfo(f'{key}.{ext}')
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
+                f.write(_tar_header(f'{key}.{ext}', len(data)))
+                f.write(data)
+                f.write(bytes(-len(data) % 512))  # members fill whole 512-byte blocks
             n += 1
+        f.write(bytes(1024))  # the end of the archive: two zero blocks
+        f.write(bytes(-f.tell() % 10240))  # padded to whole 10 KiB records, as tar does
     return n
 
 
@@ -76,7 +93,7 @@ def _parallel_map(function, jobs: list, processes: int | None = None) -> list:
     context = multiprocessing.get_context('fork' if 'fork' in methods else 'spawn')
     with ProcessPoolExecutor(processes, mp_context=context) as pool: return list(pool.map(function, jobs))
 
-# %% ../nbs/02_data.ipynb #5fee1925
+# %% ../nbs/02_data.ipynb #f5ebf279
 def seed_int(*parts) -> int:
     "A 63-bit seed from any mix of ints and strings, identical in every process and on every machine."
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), 'little') >> 1
@@ -111,7 +128,7 @@ def expand_sources(urls, weights=None) -> list:
         for source, weight in zip(sources, weights): source.weight = weight
     return sources
 
-# %% ../nbs/02_data.ipynb #3f846df2
+# %% ../nbs/02_data.ipynb #a4d7353a
 def _read_json(url):
     stream = wds.gopen(url)
     try: return json.load(stream)
@@ -146,7 +163,7 @@ def dataset_size(sources) -> int | None:
     sizes = shard_sizes(shards)
     return sum(sizes.values()) if len(sizes) == len(shards) else None
 
-# %% ../nbs/02_data.ipynb #8be65514
+# %% ../nbs/02_data.ipynb #6bab5d32
 CLIP_MEAN, CLIP_STD = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
 
 
@@ -215,8 +232,8 @@ def eval_transform(image_size: int):
     "open_clip's evaluation transform (resize the short side, centre crop, normalise) — it is open_clip's own."
     return open_clip.image_transform(image_size, is_train=False)
 
-# %% ../nbs/02_data.ipynb #19f9fdea
-SKIP_REASONS = ('missing_shard', 'corrupt_shard', 'missing_image', 'corrupt_image', 'missing_caption', 'empty_caption')
+# %% ../nbs/02_data.ipynb #89bd0bbc
+SKIP_REASONS = ('missing_shard', 'corrupt_shard', 'missing_image', 'missing_caption', 'empty_caption', 'corrupt_image')
 CONVERSIONS = ('bad_text', 'converted_mode', 'small_image')
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
 
@@ -245,7 +262,7 @@ def decode_sample(sample: dict, min_size: int = 0):
     if min(image.size) < min_size: conversions.append('small_image')
     return image, caption, tuple(conversions)
 
-# %% ../nbs/02_data.ipynb #6f8d491a
+# %% ../nbs/02_data.ipynb #39ae1e67
 def iter_shard(url: str, counts: Counter):
     "Raw samples (`{'__key__', '__url__', ext: bytes}`) of one tar shard in file order; read faults go to `counts`."
     try: stream = wds.gopen(url)
@@ -270,7 +287,7 @@ def iter_shard(url: str, counts: Counter):
         except Exception: pass
     if sample is not None: yield sample
 
-# %% ../nbs/02_data.ipynb #40fd40fb
+# %% ../nbs/02_data.ipynb #47284ae7
 class ShardStream(IterableDataset):
     """The per-worker pipeline: shards → raw samples → shuffle buffer → decode (faults counted) → crop → batches of
     `(images [B, 3, H, W] float32, texts [B, 77] int64, counts)`. Build it through `train_loader`."""
@@ -367,7 +384,7 @@ class ShardStream(IterableDataset):
             yield normalize_pixels(pixels), texts, dict(counts), b * workers + worker
             counts.clear()
 
-# %% ../nbs/02_data.ipynb #7cd84165
+# %% ../nbs/02_data.ipynb #a61135e2
 class TrainLoader:
     "Batches `(images [B, 3, H, W] float32 normalised, texts [B, 77] int64)` for one rank; `len()` is the same on every rank."
     def __init__(self, stream: ShardStream, workers: int, pin_memory: bool | None = None, prefetch_factor: int = 2):
@@ -412,7 +429,7 @@ class TrainLoader:
         self.skipped.update(state.get('skipped', {}))
         self.repeated = state.get('repeated', 0)
 
-# %% ../nbs/02_data.ipynb #4a24cac9
+# %% ../nbs/02_data.ipynb #2bbc4960
 def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | None = None, rank: int | None = None,
                  world_size: int | None = None, workers: int = 2, seed: int = 0, resampled: bool = False, weights=None,
                  scale=(0.9, 1.0), epoch: int = 0, tokenizer=None, shuffle_buffer: int = 2000,
@@ -448,7 +465,7 @@ def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | N
     loader.set_epoch(epoch)
     return loader
 
-# %% ../nbs/02_data.ipynb #a651df5c
+# %% ../nbs/02_data.ipynb #785dc041
 PALETTE = {  # colour word → RGB; the first six are the default vocabulary, far apart in hue
     'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (235, 215, 30), 'green': (40, 160, 70),
     'blue': (40, 90, 220), 'purple': (140, 60, 190), 'pink': (245, 130, 190), 'brown': (130, 80, 35),
@@ -464,9 +481,9 @@ SHAPE_VERTICES = {  # unit-circumradius outlines (y points down); 'circle' is dr
               (-1, .34), (-1, -.34), (-.34, -.34)],
 }
 COLORS = ('red', 'orange', 'yellow', 'green', 'blue', 'purple')
-SHAPES = ('circle', 'square', 'triangle', 'star')
+SHAPES = ('circle', 'square', 'triangle', 'cross')
 TEXTURES = ('plain', 'striped', 'dotted')
-SIZE_RADII = {'small': (0.11, 0.16), 'large': (0.2, 0.3)}  # radius as a fraction of the image side
+SIZE_RADII = {'small': (0.11, 0.16), 'large': (0.22, 0.34)}  # radius as a fraction of the image side
 
 
 @dataclass(frozen=True)
@@ -491,7 +508,7 @@ class SynthConfig:
         "Zero-shot class names, colour-major: 'red circle', 'red square', ..."
         return [f'{c} {s}' for c in self.colors for s in self.shapes]
 
-# %% ../nbs/02_data.ipynb #d037a368
+# %% ../nbs/02_data.ipynb #c72ab35c
 def _relation(a: dict, b: dict) -> str:
     "Where object `a` is relative to object `b`, by the larger of the horizontal and vertical offsets."
     dx, dy = a['x'] - b['x'], a['y'] - b['y']
@@ -511,6 +528,14 @@ def _pixel_grid(size: int) -> tuple:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     yy.flags.writeable = xx.flags.writeable = False
     return yy, xx
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_fields(size: int) -> np.ndarray:
+    "Eight standard-normal noise fields `[8, size, size, 1]` float32 (shared, read-only)."
+    fields = np.random.default_rng(size).standard_normal((8, size, size, 1)).astype(np.float32)
+    fields.flags.writeable = False
+    return fields
 
 
 def sample_scene(rng: random.Random, cfg: SynthConfig = SynthConfig(), *, n_objects: int | None = None,
@@ -534,10 +559,10 @@ def sample_scene(rng: random.Random, cfg: SynthConfig = SynthConfig(), *, n_obje
         shapes = [s for s in cfg.shapes if s not in taken.get('shape', ())]
         if k == 0 and primary is not None: color, shape = primary
         else: color, shape = rng.choice(colors), rng.choice(shapes)
-        label = 'large' if k == 0 and (n_objects > 1 or rng.random() < 0.6) else 'small'
+        label = 'large' if k == 0 else 'small'
         radius = rng.uniform(*SIZE_RADII[label]) * size
         obj = dict(shape=shape, color=color, size=label, texture=rng.choice(textures), radius=float(radius),
-                   angle=float(rng.uniform(-20, 20)), texture_angle=float(rng.choice((0, 45, 90, 135))),
+                   angle=float(rng.uniform(-15, 15)), texture_angle=float(rng.choice((0, 45, 90, 135))),
                    texture_period=float(rng.uniform(5, 8) * size / 64),
                    rgb=[_clip255(c * rng.uniform(0.88, 1.08) + rng.gauss(0, 6)) for c in PALETTE[color]])
         if k > 0 and digits and rng.random() < 0.25:
@@ -554,15 +579,25 @@ def sample_scene(rng: random.Random, cfg: SynthConfig = SynthConfig(), *, n_obje
 
 
 def _digits():
-    "scikit-learn's 1797 handwritten digits (8×8, values 0–16) and their labels, loaded once per process."
+    """scikit-learn's 1797 handwritten digits (8×8, values scaled to [0, 1]) and their labels, loaded once per process.
+    Read straight from the CSV file scikit-learn ships (what `sklearn.datasets.load_digits` reads), which skips
+    importing scikit-learn: seconds on a busy 2-core machine."""
     global _DIGITS
     if '_DIGITS' not in globals():
-        from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-        d = load_digits()
-        _DIGITS = d.images.astype(np.float32) / 16, d.target
+        import gzip, importlib.util
+        spec = importlib.util.find_spec('sklearn')
+        path = Path(spec.submodule_search_locations[0]) / 'datasets' / 'data' / 'digits.csv.gz' if spec else None
+        if path is not None and path.is_file():
+            with gzip.open(path, 'rt') as f: table = np.loadtxt(f, delimiter=',', dtype=np.float32)
+            images, labels = table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+        else:
+            from sklearn.datasets import load_digits
+            d = load_digits()
+            images, labels = d.images.astype(np.float32), d.target
+        _DIGITS = images / 16, labels
     return _DIGITS
 
-# %% ../nbs/02_data.ipynb #095190af
+# %% ../nbs/02_data.ipynb #5f406cf5
 def _object_box(obj: dict, size: int) -> tuple:
     "`(top, bottom, left, right)` pixel bounds of the object, clipped to the image."
     x, y, r = obj['x'], obj['y'], obj['radius'] * 1.1 + 1
@@ -621,8 +656,10 @@ def render_scene(scene: dict) -> Image.Image:
         yy, xx = _pixel_grid(size)
         t = math.radians(bg['angle'])
         canvas += ((xx * math.cos(t) + yy * math.sin(t)) / size - 0.5 * (math.cos(t) + math.sin(t)))[..., None] * 2 * bg['amount']
-    elif bg['style'] == 'noisy':
-        canvas += np.random.default_rng(scene['seed']).normal(0, bg['amount'] / 2, (size, size, 1)).astype(np.float32)
+    elif bg['style'] == 'noisy':  # one of 8 fixed noise fields, shifted by the scene's seed: cheap and deterministic
+        seed = scene['seed']
+        field = np.roll(_noise_fields(size)[seed % 8], (seed >> 3) % size, axis=0)
+        canvas += np.roll(field, (seed >> 11) % size, axis=1) * (bg['amount'] / 2)
     elif bg['style'] == 'grid':
         lines = np.mod(np.arange(size), bg['period']) == 0
         canvas[lines, :] += bg['amount'] if bg['tone'] == 'dark' else -bg['amount']
@@ -634,7 +671,7 @@ def render_scene(scene: dict) -> Image.Image:
         region += (_object_paint(obj, box, size) - region) * alpha
     return Image.fromarray(np.uint8(np.clip(canvas + 0.5, 0, 255)))
 
-# %% ../nbs/02_data.ipynb #8591071d
+# %% ../nbs/02_data.ipynb #bab04cb6
 def _noun(obj: dict) -> str: return f"digit {obj['digit']}" if obj['shape'] == 'digit' else obj['shape']
 def _a(phrase: str) -> str: return ('an ' if phrase[0] in 'aeiou' else 'a ') + phrase
 
@@ -670,7 +707,7 @@ def synthetic_sample(seed: int, split: int, index: int, cfg: SynthConfig = Synth
     scene = sample_scene(rng, cfg)
     return scene, render_scene(scene), caption_scene(scene, rng)
 
-# %% ../nbs/02_data.ipynb #15f6b8f2
+# %% ../nbs/02_data.ipynb #3bc86b00
 def _synthetic_train_shard(job) -> tuple:
     folder, shard, start, count, seed, cfg = job
     def samples():
@@ -694,10 +731,12 @@ def write_synthetic_shards(folder, n: int, *, seed: int = 0, cfg: SynthConfig = 
     jobs = [(str(folder), k, start, min(shard_size, n - start), seed, cfg) for k, start in enumerate(range(0, n, shard_size))]
     if cfg.digits: _digits()  # load scikit-learn's digits once, before the worker processes fork
     sizes = dict(_parallel_map(_synthetic_train_shard, jobs, processes))
+    for stale in folder.glob('[0-9][0-9][0-9][0-9][0-9].tar'):  # shards of an earlier, larger set: not ours any more
+        if stale.name not in sizes: stale.unlink()
     write_shard_index(folder, sizes)
     return dict(shards=shard_pattern(folder, len(jobs)), num_samples=n)
 
-# %% ../nbs/02_data.ipynb #8e33cbc7
+# %% ../nbs/02_data.ipynb #a73f54d2
 ZEROSHOT_TEMPLATES = ('a photo of a {c}.', 'a {c}.', 'a picture of a {c}.', 'a drawing of a {c}.',
                       'a {c} on a light background.', 'a {c} on a dark background.')
 
@@ -749,7 +788,7 @@ def write_retrieval_set(root, n: int = 500, *, captions_per_image: int = 5, seed
         entries.append(dict(filepath='images', filename=filename, imgid=i, split='test',
                             sentids=[s['sentid'] for s in sentences], sentences=sentences))
         sentid += len(sentences)
-        wds_samples.append((f's{i:07d}', {'webp': encode_image(image, 'webp'), 'txt': '\n'.join(captions).encode()}))
+        wds_samples.append((f's{i:07d}', {'jpg': encode_image(image), 'txt': '\n'.join(captions).encode()}))
     path = root / 'dataset_synthetic.json'
     path.write_text(json.dumps(dict(dataset='synthetic', images=entries)))
     write_tar(root / 'wds' / 'test' / '0.tar', wds_samples)
@@ -757,7 +796,7 @@ def write_retrieval_set(root, n: int = 500, *, captions_per_image: int = 5, seed
     (root / 'wds' / 'dataset_type.txt').write_text('retrieval\n')
     return path
 
-# %% ../nbs/02_data.ipynb #dc3a1b30
+# %% ../nbs/02_data.ipynb #76a83df5
 SUGARCREPE_SUBSETS = ('add_att', 'add_obj', 'replace_att', 'replace_obj', 'replace_rel', 'swap_att', 'swap_obj')
 
 
@@ -810,7 +849,7 @@ def write_sugarcrepe_set(root, n: int = 200, *, seed: int = 0, cfg: SynthConfig 
         (root / f'{subset}.json').write_text(json.dumps(items, indent=1))
     return root
 
-# %% ../nbs/02_data.ipynb #657e1152
+# %% ../nbs/02_data.ipynb #87fd1b30
 def write_synthetic_bundle(root, n_train: int = 20_000, *, seed: int = 0, image_size: int = 64, n_zeroshot: int = 1200,
                            n_retrieval: int = 500, n_sugarcrepe: int = 200, shard_size: int = 1000,
                            processes: int | None = None, digits: bool = True, colors=COLORS, shapes=SHAPES) -> dict:
@@ -842,7 +881,7 @@ def resolve_bundle(root) -> dict:
     for key in ('annotations', 'images'): manifest['sugar_crepe'][key] = absolute(manifest['sugar_crepe'][key])
     return manifest
 
-# %% ../nbs/02_data.ipynb #b95333a2
+# %% ../nbs/02_data.ipynb #ec4665cf
 def _caption_rows(path: Path) -> list:
     "Rows of a CSV file (with a header) or a JSON-lines file, as dicts."
     if path.suffix.lower() in ('.jsonl', '.json'):
@@ -901,7 +940,7 @@ def folder_to_shards(images, captions, out, *, image_column: str = 'image', capt
     write_shard_index(out, sizes)
     return dict(shards=shard_pattern(out, len(sizes)), num_samples=sum(sizes.values()), skipped=skipped)
 
-# %% ../nbs/02_data.ipynb #1c6373c2
+# %% ../nbs/02_data.ipynb #5e23f8ce
 @call_parse
 def synth_cli(
     out: str = 'data/synthetic',  # folder to write the bundle into
@@ -927,7 +966,7 @@ def synth_cli(
           f"  SugarCrepe:  {bundle['sugar_crepe']['annotations']}\n"
           f"  manifest:    {bundle['root']}/bundle.json")
 
-# %% ../nbs/02_data.ipynb #7132cb60
+# %% ../nbs/02_data.ipynb #cda7c7e6
 def loader_throughput(urls, *, image_size: int = 224, batch_size: int = 64, n_batches: int = 20, warmup: int = 2,
                       workers: int = 1, scale=(0.9, 1.0), seed: int = 0) -> dict:
     "Samples per second (and per worker) that `train_loader` delivers, timed over `n_batches` after `warmup` batches."

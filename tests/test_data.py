@@ -228,6 +228,13 @@ def test_captions_and_pixels_agree_with_the_scene():
             assert nearest_colour(centre, cfg.colors) == obj['color'], (i, obj, centre)
 
 
+def test_digits_are_scikit_learns():
+    from sklearn.datasets import load_digits
+    from cluster_glip.data import _digits
+    images, labels = _digits()
+    assert np.array_equal(images * 16, load_digits().images) and np.array_equal(labels, load_digits().target)
+
+
 def test_objects_of_each_class_appear_as_primary():
     primaries = Counter()
     for i in range(1200):  # synthetic_sample's scene, without rendering it
