@@ -171,7 +171,7 @@ def tokens_gflops(model: str, kept: int, image_size: int) -> float:
     assert counted['tokens'] == 1 + min(kept, patches)
     return counted['total']
 
-# %% ../nbs/06_bench.ipynb #a93cc090
+# %% ../nbs/06_bench.ipynb #b4bb9a93
 def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Tensor, *, device='cpu',
                      precision: str = 'fp32', steps: int = 1, warmup: int = 1, repeats: int = 5, seed: int = 0,
                      max_batch: bool = False, max_batch_limit: int = 8192, open_clip_step: Callable | None = None,
@@ -217,31 +217,33 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
             if runnable(run, 'open_clip'): theirs(run)
         optimizer.zero_grad(set_to_none=True)
         with PeakMemory(device) as memory: step(run)
-        largest = largest_batch(partial(fits_on_device, step, run, texts, device), len(images), max_batch_limit) \
-            if max_batch else None
-        rows.append(dict(setting=name, masking=run.setting.masking, image_size=run.size, memory=memory, max_batch=largest))
+        rows.append(dict(setting=name, masking=run.setting.masking, image_size=run.size, memory=memory))
         say(f'  {name}: warmed up')
 
     fns = {(name, what): partial(fn, run) for name, run in runs.items()
            for what, fn in (('step', step), ('plan', plan), ('open_clip', theirs)) if runnable(run, what)}
     times = interleaved_timings(fns, steps=steps, repeats=repeats, device=device)
+    open_clip_step = fns = None                                               # free open_clip's model before the batch search
+    gc.collect()
+    if device.type == 'cuda': torch.cuda.empty_cache()
     state = state_bytes(net, optimizer)
     for row in rows:
         run = runs[row['setting']]
         step_s, plan_s = times[(row['setting'], 'step')], times[(row['setting'], 'plan')]
-        memory = row.pop('memory')
-        growth = memory.growth
-        peak = None if growth is None else memory.peak if device.type == 'cuda' else state + growth
+        growth = row.pop('memory').growth
         row.update(batch=len(images), tokens=1 + statistics.fmean(run.kept),
                    gflops=statistics.fmean(tokens_gflops(model, k, run.size) for k in run.kept),
                    step_s=statistics.median(step_s), step_s_repeats=step_s, samples_per_s=len(images) / statistics.median(step_s),
                    plan_s=statistics.median(plan_s), plan_s_repeats=plan_s,
-                   peak_memory_mb=None if peak is None else peak / 2**20,
+                   peak_memory_mb=None if growth is None else (state + growth) / 2**20,
                    step_memory_mb=None if growth is None else growth / 2**20, state_memory_mb=state / 2**20,
                    memory_source=memory.source, skipped_steps=run.skipped)
         if (row['setting'], 'open_clip') in times:
             their_s = times[(row['setting'], 'open_clip')]
             row.update(open_clip_step_s=statistics.median(their_s), open_clip_step_s_repeats=their_s)
+        row['max_batch'] = largest_batch(partial(fits_on_device, step, run, texts, device), len(images), max_batch_limit) \
+            if max_batch else None
+        if max_batch: say(f"  {row['setting']}: largest batch {row['max_batch']}")
     del net, optimizer, runs, fns
     gc.collect()
     if device.type == 'cuda': torch.cuda.empty_cache()
@@ -495,7 +497,7 @@ def measure_feeding(work: Path, *, image_size: int = 224, batch: int = 64, n_bat
                 workers_needed=workers_needed(steps_per_s, feed_batch, per_worker),
                 note="per worker on this machine's CPU cores; a GPU server's cores decode at their own speed")
 
-# %% ../nbs/06_bench.ipynb #0fded817
+# %% ../nbs/06_bench.ipynb #2eeb3934
 SCHEMA = 'cluster_glip.bench/1'
 PRECISIONS = tuple(OPEN_CLIP_PRECISION)
 
@@ -541,10 +543,10 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
         images, texts = first_batch(shards, batch, native, seed)             # [B, 3, S, S], [B, 77]
         phase('data')
         say(f'{model}, batch {batch}, {precision}, on {device} ({machine["gpu"] or machine["cpu"]}): {len(settings)} settings')
-        their_step = open_clip_step_fn(model, images, texts, device=device, precision=precision, seed=seed) if compare else None
         rows = measure_settings(model, settings, images, texts, device=device, precision=precision, steps=steps,
-                                warmup=warmup, repeats=repeats, seed=seed, max_batch=max_batch, open_clip_step=their_step, say=say)
-        del their_step
+                                warmup=warmup, repeats=repeats, seed=seed, max_batch=max_batch, say=say,
+                                open_clip_step=open_clip_step_fn(model, images, texts, device=device, precision=precision,
+                                                                 seed=seed) if compare else None)
         peak, peak_source = (peak_tflops, 'given (--peak_tflops)') if peak_tflops else (device_peak_tflops(device, precision), 'data sheet')
         rows = add_ratios(rows, peak)
         phase('settings')
