@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_ratios, assumed_steps_per_s, bench_cli,
+from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_ratios, paired_speedup, assumed_steps_per_s, bench_cli,
                                 check_targets, compare_with_open_clip, find_openclip_pythonpath, interleaved_timings,
                                 largest_batch, open_clip_args, parse_open_clip_log, parse_setting, patch_dropout_of,
                                 run_bench, workers_needed)
@@ -87,6 +87,14 @@ def test_ratios_against_the_unmasked_row():
     assert math.isclose(masked['speedup_of_ideal'], 1.65 / (41.1 / 23.4)) and masked['memory_ratio'] == 0.5
     assert math.isclose(masked['mask_overhead'], 0.001 / (16 / 1650))
     assert math.isclose(none['tflops'], 3 * 41.1 * 1000 / 1e3) and math.isclose(none['mfu'], none['tflops'] / 989.0)
+
+
+def test_speedups_pair_the_rounds():
+    base, masked = row('none', 41.1, 1000.0), row('random-0.5', 23.4, 1500.0)
+    base['step_s_repeats'], masked['step_s_repeats'] = [1.0, 2.0, 1.1], [0.8, 1.0, 1.6]    # per-round: 1.25, 2.0, 0.69
+    assert add_ratios([base, masked])[1]['speedup'] == 1.25                                # not 1500 / 1000
+    assert paired_speedup([1.0, 2.0], [0.5, 1.0, 0.4], 10.0, 30.0) == 3.0                  # rounds don't pair: samples/s
+    assert paired_speedup(None, None, None, 30.0) is None
 
 
 def test_ratios_without_baseline_peak_or_memory_are_none_not_wrong():
