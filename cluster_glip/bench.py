@@ -89,7 +89,7 @@ def machine_info(device: 'str | torch.device' = 'cpu') -> dict:
                 gpu_memory_gb=round(gpu.total_memory / 2**30, 1) if gpu else None,
                 load_average=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None)
 
-# %% ../nbs/06_bench.ipynb #c7de2f6e
+# %% ../nbs/06_bench.ipynb #68f2cab3
 def synchronize(device: 'str | torch.device'):
     "Wait for the device's queued work (a no-op on CPU)."
     device = torch.device(device)
@@ -111,8 +111,9 @@ def interleaved_timings(fns: dict, *, steps: int, repeats: int, warmup: int = 0,
     for fn in fns.values():
         for _ in range(warmup): fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items(): times[name].append(time_calls(fn, steps, device, clock))
+    for round_ in range(repeats):
+        order = list(fns) if round_ % 2 == 0 else list(fns)[::-1]            # alternate: no function always goes first
+        for name in order: times[name].append(time_calls(fns[name], steps, device, clock))
     return times
 
 # %% ../nbs/06_bench.ipynb #a01d742d

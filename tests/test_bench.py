@@ -61,7 +61,7 @@ def test_interleaved_timings_skip_warmup_time_each_round_and_interleave():
         return fn
     times = interleaved_timings({'a': make('a'), 'b': make('b')}, steps=1, repeats=3, warmup=1, clock=clock)
     assert times == {'a': [5.0, 1.0, 3.0], 'b': [2.0, 2.0, 8.0]}                        # warm-up durations not in them
-    assert calls == ['a', 'b', 'a', 'b', 'a', 'b', 'a', 'b']                            # warm-ups, then rounds a, b
+    assert calls == ['a', 'b', 'a', 'b', 'b', 'a', 'a', 'b']                            # warm-ups; rounds a b, b a, a b
 
 
 def test_interleaved_timings_divide_by_steps_per_round():
