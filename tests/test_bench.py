@@ -179,8 +179,11 @@ def test_targets_off_the_reference_run_say_so():
     assert '1.70×' in cpu[0]['measured'] and 'tiny-vit-64 on CPU' in cpu[0]['measured']
     other_gpu = check_targets(results(model='ViT-B-32'))
     assert other_gpu[0]['status'] == 'not measured here (needs ViT-B-16 in amp_bf16)'
-    comparison = dict(setting='none', trainer_ratio=0.9, step_ratio=1.1)
-    assert any(t['status'] == 'not met' and 'open_clip' in t['target'] for t in check_targets(results(open_clip=[comparison])))
+    def versus(trainer, step):
+        return [t['status'] for t in check_targets(results(open_clip=[dict(setting='none', trainer_ratio=trainer, step_ratio=step)]))
+                if '(none, data' in t['target']]
+    assert versus(0.9, 1.1) == ['not met', 'met'] and versus(0.98, 1.0) == ['tie (within 3%)', 'met']
+    assert versus(None, 0.96) == ['n/a', 'not met']
 
 
 # -- end to end -------------------------------------------------------------------------------------------------------
