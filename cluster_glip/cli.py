@@ -9,12 +9,13 @@ __all__ = ['COMMANDS', 'usage', 'main']
 import importlib, sys
 from fastcore.script import anno_parser
 
-# %% ../nbs/09_cli.ipynb #b34d68c4
+# %% ../nbs/09_cli.ipynb #a85df55e
 COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` function
     'synth': ('cluster_glip.data:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
     'eval':  ('cluster_glip.evaluate:eval_cli', 'evaluate a checkpoint on an evaluation suite'),
     'sweep': ('cluster_glip.sweep:sweep_cli', 'run an ablation sweep through the pre-training notebook'),
+    'bench': ('cluster_glip.bench:bench_cli', 'time training steps per masking setting, against open_clip'),
 }
 
 def usage() -> str:
