@@ -605,7 +605,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
     say(format_report(result))
     return result
 
-# %% ../nbs/06_bench.ipynb #bacc1fe7
+# %% ../nbs/06_bench.ipynb #04b33320
 def _fmt(value, spec: str, na: str = 'n/a') -> str:
     return na if value is None else format(value, spec)
 
@@ -635,7 +635,7 @@ def format_report(result: dict) -> str:
     "The benchmark as text: settings table, open_clip comparison, feeding, targets."
     cfg, m = result['config'], result['machine']
     lines = [f"\n{cfg['model']}, batch {cfg['batch']}, {cfg['precision']}, {cfg['device']} "
-             f"({m['gpu'] or m['cpu']}, {m['cores']} cores, {cfg['threads']} threads, torch {m['torch']}); "
+             f"({m['gpu'] or m['cpu']}, {m['cores']} cores, torch threads {cfg['threads']}, torch {m['torch']}); "
              f"median of {cfg['repeats']} rounds of {cfg['steps']} steps after {cfg['warmup']} warm-up; "
              f"samples/s with data loading excluded; MFU peak: {_fmt(cfg['peak_tflops'], '.0f', 'unknown')} TFLOP/s",
              settings_table(result).to_string()]
