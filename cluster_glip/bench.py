@@ -424,52 +424,55 @@ def open_clip_step_fn(model: str, images: torch.Tensor, texts: torch.Tensor, *, 
         with torch.no_grad(): net.logit_scale.clamp_(0, math.log(100))
     return step
 
-# %% ../nbs/06_bench.ipynb #a32e0718
+# %% ../nbs/06_bench.ipynb #1c9cd91f
 def _median_after(values: list, warmup: int):
     kept = values[warmup:] or values[-1:]
     return statistics.median(kept) if kept else None
 
 def compare_with_open_clip(model: str, shards: str, settings, rows: list[dict], *, batch: int, precision: str, device,
-                           steps: int, trainer_warmup: int = 2, workers: int = 1, threads: int | None = None,
+                           steps: int, trainer_warmup: int = 2, runs: int = 2, workers: int = 1, threads: int | None = None,
                            pythonpath: str | None = None, unavailable: str | None = None, work: Path, seed: int = 0,
                            say=print) -> list[dict]:
-    """Our trainer against open_clip's on each setting (`none` or `random-r`) for `trainer_warmup` + `steps` steps,
-    and our step against theirs from the settings `rows`: samples/s of each and ours over theirs. `unavailable`: why
-    open_clip_train cannot run here (its trainer is then skipped, with that reason in the results)."""
+    """Our trainer against open_clip's on each setting (`none` or `random-r`): `runs` alternating runs of each, of
+    `trainer_warmup` + `steps` steps, the best run's median samples/s per side; and our step against theirs from the
+    settings `rows`. `unavailable`: why open_clip_train cannot run here (its trainer is then skipped, with the reason)."""
     device, settings = torch.device(device), [parse_setting(s) for s in settings]
     for s in settings: patch_dropout_of(s)                                  # refuse what open_clip cannot run, up front
     threads, by_name, out = threads or torch.get_num_threads(), {r['setting']: r for r in rows}, []
     for s in settings:
-        say(f'  {s.name}: our trainer ...')
-        ours = run_our_trainer(model, shards, s, batch=batch, steps=trainer_warmup + steps, workers=workers,
-                               precision=precision, device=device, work=work, seed=seed)
-        if unavailable: theirs = dict(error=unavailable, steps=[])
-        else:
-            say(f'  {s.name}: open_clip_train ...')
-            try: theirs = run_open_clip_trainer(model, shards, s, batch=batch, steps=trainer_warmup + steps, workers=workers,
-                                                precision=precision, device=device, work=work, pythonpath=pythonpath,
-                                                threads=threads, seed=seed)
-            except (subprocess.SubprocessError, OSError) as e: theirs = dict(error=f'{type(e).__name__}: {e}', steps=[])
-        ran = theirs['error'] is None
-        after = lambda values: _median_after(values, trainer_warmup) if ran else None
-        ours_sps = _median_after([r['samples_per_s'] for r in ours['steps']], trainer_warmup)
-        theirs_sps = after([r['samples_per_s_per_gpu'] for r in theirs['steps']])
-        compute = after([batch / r['samples_per_s_per_gpu'] - r['data_s'] for r in theirs['steps']])
+        ours, theirs = [], []
+        for run in range(runs):
+            say(f'  {s.name}: our trainer (run {run + 1} of {runs}) ...')
+            ours.append(run_our_trainer(model, shards, s, batch=batch, steps=trainer_warmup + steps, workers=workers,
+                                        precision=precision, device=device, work=work / f'run{run}', seed=seed))
+            if unavailable: theirs.append(dict(error=unavailable, steps=[])); continue
+            say(f'  {s.name}: open_clip_train (run {run + 1} of {runs}) ...')
+            try: theirs.append(run_open_clip_trainer(model, shards, s, batch=batch, steps=trainer_warmup + steps,
+                                                     workers=workers, precision=precision, device=device, work=work / f'run{run}',
+                                                     pythonpath=pythonpath, threads=threads, seed=seed))
+            except (subprocess.SubprocessError, OSError) as e: theirs.append(dict(error=f'{type(e).__name__}: {e}', steps=[]))
+            if device.type == 'cuda': torch.cuda.empty_cache()
+        error = next((t['error'] for t in theirs if t['error']), None)
+        ours_runs = [_median_after([r['samples_per_s'] for r in o['steps']], trainer_warmup) for o in ours]
+        theirs_runs = [] if error else [_median_after([r['samples_per_s_per_gpu'] for r in t['steps']], trainer_warmup) for t in theirs]
+        best = theirs[theirs_runs.index(max(theirs_runs))] if theirs_runs else None
+        ours_sps, theirs_sps = max(ours_runs), max(theirs_runs) if theirs_runs else None
+        compute = _median_after([batch / r['samples_per_s_per_gpu'] - r['data_s'] for r in best['steps']], trainer_warmup) if best else None
         row = by_name.get(s.name, {})
         ours_step = row.get('samples_per_s')
         theirs_step = batch / row['open_clip_step_s'] if row.get('open_clip_step_s') else None
         out.append(dict(setting=s.name, patch_dropout=patch_dropout_of(s), ours_trainer_samples_per_s=ours_sps,
                         open_clip_trainer_samples_per_s=theirs_sps,
                         trainer_ratio=None if theirs_sps is None else ours_sps / theirs_sps,
-                        open_clip_trainer_data_s=after([r['data_s'] for r in theirs['steps']]),
+                        ours_trainer_runs=ours_runs, open_clip_trainer_runs=theirs_runs,
+                        open_clip_trainer_data_s=_median_after([r['data_s'] for r in best['steps']], trainer_warmup) if best else None,
                         open_clip_trainer_compute_samples_per_s=batch / compute if compute and compute > 0 else None,
                         ours_step_samples_per_s=ours_step, open_clip_step_samples_per_s=theirs_step,
                         step_ratio=paired_speedup(row.get('open_clip_step_s_repeats'), row.get('step_s_repeats'),
                                                   theirs_step, ours_step) if ours_step and theirs_step else None,
-                        ours_trainer_steps=[r['samples_per_s'] for r in ours['steps']],
-                        open_clip_trainer_steps=[r['samples_per_s_per_gpu'] for r in theirs['steps']],
-                        open_clip_error=theirs['error'], open_clip_command=theirs.get('command')))
-        if device.type == 'cuda': torch.cuda.empty_cache()
+                        ours_trainer_steps=[[r['samples_per_s'] for r in o['steps']] for o in ours],
+                        open_clip_trainer_steps=[[r['samples_per_s_per_gpu'] for r in t['steps']] for t in theirs],
+                        open_clip_error=error, open_clip_command=theirs[0].get('command')))
     return out
 
 # %% ../nbs/06_bench.ipynb #fb383459
@@ -506,7 +509,7 @@ def measure_feeding(work: Path, *, image_size: int = 224, batch: int = 64, n_bat
                 workers_needed=workers_needed(steps_per_s, feed_batch, per_worker),
                 note="per worker on this machine's CPU cores; a GPU server's cores decode at their own speed")
 
-# %% ../nbs/06_bench.ipynb #2eeb3934
+# %% ../nbs/06_bench.ipynb #732142fa
 SCHEMA = 'cluster_glip.bench/1'
 PRECISIONS = tuple(OPEN_CLIP_PRECISION)
 
@@ -526,14 +529,15 @@ def first_batch(shards: str, batch: int, image_size: int, seed: int = 0) -> tupl
 def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp32', settings=DEFAULT_SETTINGS,
               device: 'str | torch.device | None' = None, steps: int = 1, warmup: int = 1, repeats: int = 5,
               out: 'str | Path | None' = None, *, peak_tflops: float | None = None, compare=('none', 'random-0.5'),
-              workers: int = 1, openclip_pythonpath: 'str | None' = None, feed: bool = True,
+              workers: int = 1, trainer_runs: int = 2, openclip_pythonpath: 'str | None' = None, feed: bool = True,
               feed_steps_per_s: float | None = None, feed_batch: int = 256, max_batch: bool = False,
               threads: int | None = None, data: str | None = None, seed: int = 0, quiet: bool = False) -> dict:
     "Benchmark training of `model` per masking setting and against open_clip; the results dict (also OUT.json, OUT.png)."
     say = (lambda *a: None) if quiet else partial(print, flush=True)
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
-    if batch < 1 or steps < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f'need batch, steps, repeats >= 1 and warmup >= 0; got {batch}, {steps}, {repeats}, {warmup}')
+    if batch < 1 or steps < 1 or repeats < 1 or warmup < 0 or trainer_runs < 1:
+        raise ValueError(f'need batch, steps, repeats, trainer_runs >= 1 and warmup >= 0; got {batch}, {steps}, {repeats}, '
+                         f'{trainer_runs}, {warmup}')
     native = model_geometry(model)[0]                                         # an unknown model fails here
     settings = [parse_setting(s) for s in settings]
     compare = [parse_setting(s) for s in (compare or ())]
@@ -567,7 +571,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
                 unavailable = f'open_clip_train cannot run here: {e}' + (f' {e.stderr[-500:]}' if getattr(e, 'stderr', None) else '')
                 say(f'  {unavailable}')
             comparison = compare_with_open_clip(model, shards, compare, rows, batch=batch, precision=precision, device=device,
-                                                steps=steps * repeats, trainer_warmup=max(2, warmup), workers=workers,
+                                                steps=steps * repeats, trainer_warmup=max(2, warmup), runs=trainer_runs, workers=workers,
                                                 pythonpath=pythonpath, unavailable=unavailable, work=work, seed=seed, say=say)
             phase('trainers')
         feeding = None
@@ -584,13 +588,15 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
                   machine=dict(machine, load_average_end=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None),
                   config=dict(model=model, batch=batch, precision=precision, device=str(device), steps=steps, warmup=warmup,
                               repeats=repeats, settings=[s.name for s in settings], compare=[s.name for s in compare],
-                              workers=workers, threads=torch.get_num_threads(), data=data or 'synthetic', seed=seed,
+                              workers=workers, trainer_runs=trainer_runs, threads=torch.get_num_threads(),
+                              data=data or 'synthetic', seed=seed,
                               peak_tflops=peak, peak_tflops_source=peak_source if peak else None, max_batch=max_batch,
                               openclip_pythonpath=pythonpath),
                   timing=dict(steps='data loading excluded: one batch on the device; our train_step and open_clip\'s step '
                                     'timed in interleaved rounds of `steps` steps after `warmup` steps; median of the rounds',
                               trainers='data loading included: each trainer\'s own per-step samples/s log over '
-                                       '`steps` × `repeats` steps after max(2, `warmup`) warm-up steps; median'),
+                                       '`steps` × `repeats` steps after max(2, `warmup`) warm-up steps; median per run, '
+                                       'best of `trainer_runs` alternating runs per side'),
                   settings=rows, open_clip=comparison, feeding=feeding, seconds=time.perf_counter() - started, phases=phases)
     result['targets'] = check_targets(result)
     if out is not None:
@@ -599,7 +605,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
     say(format_report(result))
     return result
 
-# %% ../nbs/06_bench.ipynb #bacc1fe7
+# %% ../nbs/06_bench.ipynb #04b33320
 def _fmt(value, spec: str, na: str = 'n/a') -> str:
     return na if value is None else format(value, spec)
 
@@ -629,7 +635,7 @@ def format_report(result: dict) -> str:
     "The benchmark as text: settings table, open_clip comparison, feeding, targets."
     cfg, m = result['config'], result['machine']
     lines = [f"\n{cfg['model']}, batch {cfg['batch']}, {cfg['precision']}, {cfg['device']} "
-             f"({m['gpu'] or m['cpu']}, {m['cores']} cores, {cfg['threads']} threads, torch {m['torch']}); "
+             f"({m['gpu'] or m['cpu']}, {m['cores']} cores, torch threads {cfg['threads']}, torch {m['torch']}); "
              f"median of {cfg['repeats']} rounds of {cfg['steps']} steps after {cfg['warmup']} warm-up; "
              f"samples/s with data loading excluded; MFU peak: {_fmt(cfg['peak_tflops'], '.0f', 'unknown')} TFLOP/s",
              settings_table(result).to_string()]
@@ -740,7 +746,7 @@ def check_targets(result: dict) -> list[dict]:
         f"samples/s ({f['steps_per_s_source']})" if f else 'not measured', 'computed' if f else None)
     return out
 
-# %% ../nbs/06_bench.ipynb #b82745a8
+# %% ../nbs/06_bench.ipynb #fd3c03d5
 @call_parse
 def bench_cli(
     model: Param('open_clip model config (tiny-vit-64, ViT-B-16, ...)', str) = 'tiny-vit-64',
@@ -755,6 +761,7 @@ def bench_cli(
     peak_tflops: Param("the device's peak TFLOP/s for MFU (default: the data sheet for known GPUs; none for CPUs)", float) = None,
     compare: Param("settings to run with open_clip's trainer too (none, random-<ratio>); '' for none", str) = 'none,random-0.5',
     workers: Param('data loader workers of both trainers', int) = 1,
+    trainer_runs: Param('alternating runs of each trainer; the best counts', int) = 2,
     openclip_pythonpath: Param('folder with webdataset 0.2.86 for open_clip_train (default $TMPDIR/wds0286)', str) = None,
     no_feed: Param('skip the data-pipeline throughput', bool) = False,
     feed_steps_per_s: Param('steps/s of the ViT-B/16 50 % GPU run to feed (default: measured on a GPU, else assumed)', float) = None,
@@ -770,7 +777,8 @@ def bench_cli(
     out = out or f'runs/bench/bench_{device_kind}_{model}'
     try:
         return run_bench(model, batch, precision, split(settings), device, steps, warmup, repeats, out, peak_tflops=peak_tflops,
-                         compare=split(compare), workers=workers, openclip_pythonpath=openclip_pythonpath, feed=not no_feed,
+                         compare=split(compare), workers=workers, trainer_runs=trainer_runs,
+                         openclip_pythonpath=openclip_pythonpath, feed=not no_feed,
                          feed_steps_per_s=feed_steps_per_s, feed_batch=feed_batch, max_batch=max_batch, threads=threads,
                          data=data, seed=seed)
     except ValueError as e: raise SystemExit(f'cluster_glip bench: {e}') from None

@@ -221,9 +221,12 @@ def test_our_trainer_against_open_clips_trainer(tmp_path, one_thread):
     shards = write_synthetic_shards(tmp_path / 'train', 64, shard_size=32, processes=1)['shards']
     rows = [dict(setting='none', samples_per_s=10.0, open_clip_step_s=0.5)]
     out, = compare_with_open_clip('tiny-vit-32', shards, ['none'], rows, batch=4, precision='fp32', device='cpu', steps=2,
-                                  trainer_warmup=1, workers=1, threads=1, pythonpath=pythonpath, work=tmp_path, say=lambda *a: None)
+                                  trainer_warmup=1, runs=2, workers=1, threads=1, pythonpath=pythonpath, work=tmp_path,
+                                  say=lambda *a: None)
     assert out['open_clip_error'] is None, out['open_clip_error']
-    assert len(out['ours_trainer_steps']) == len(out['open_clip_trainer_steps']) == 3
+    assert [len(run) for run in out['ours_trainer_steps'] + out['open_clip_trainer_steps']] == [3, 3, 3, 3]
+    assert out['ours_trainer_runs'][0] == statistics.median(out['ours_trainer_steps'][0][1:])    # warm-up step dropped
+    assert out['open_clip_trainer_samples_per_s'] == max(out['open_clip_trainer_runs'])          # the best run counts
     assert math.isclose(out['trainer_ratio'], out['ours_trainer_samples_per_s'] / out['open_clip_trainer_samples_per_s'])
     assert out['step_ratio'] == 10.0 / (4 / 0.5) and out['open_clip_trainer_data_s'] >= 0
     assert 'open_clip_train.main --model tiny-vit-32' in out['open_clip_command']
