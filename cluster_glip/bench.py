@@ -605,15 +605,20 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
     say(format_report(result))
     return result
 
-# %% ../nbs/06_bench.ipynb #04b33320
+# %% ../nbs/06_bench.ipynb #90dcc27e
 def _fmt(value, spec: str, na: str = 'n/a') -> str:
     return na if value is None else format(value, spec)
+
+def _rate(value, na: str = 'n/a') -> str:
+    "Samples/s with at least three significant digits and no exponent."
+    return na if value is None else f'{value:.1f}' if value >= 10 else f'{value:.3g}'
+
 
 def settings_table(result: dict):
     "The per-setting results as a table (a pandas DataFrame)."
     import pandas as pd
     return pd.DataFrame([{
-        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'samples/s': f"{r['samples_per_s']:.1f}",
+        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'samples/s': _rate(r['samples_per_s']),
         'step ms': f"{r['step_s'] * 1e3:.0f}", 'speed-up': _fmt(r['speedup'], '.2f'), 'ideal': _fmt(r['ideal_speedup'], '.2f'),
         'of ideal': _fmt(r['speedup_of_ideal'], '.0%'), 'mask % of step': f"{r['mask_overhead']:.1%}",
         'TFLOP/s': f"{r['tflops']:.3g}", 'MFU': _fmt(r['mfu'], '.1%'), 'peak MB': _fmt(r['peak_memory_mb'], '.0f'),
@@ -624,10 +629,10 @@ def comparison_table(result: dict):
     "Ours against open_clip, per compared setting (a pandas DataFrame)."
     import pandas as pd
     return pd.DataFrame([{
-        'setting': c['setting'], 'ours trainer': _fmt(c['ours_trainer_samples_per_s'], '.1f'),
-        'open_clip trainer': _fmt(c['open_clip_trainer_samples_per_s'], '.1f', 'failed' if c['open_clip_error'] else 'n/a'),
-        'trainer ratio': _fmt(c['trainer_ratio'], '.2f'), 'ours step': _fmt(c['ours_step_samples_per_s'], '.1f'),
-        'open_clip step': _fmt(c['open_clip_step_samples_per_s'], '.1f'), 'step ratio': _fmt(c['step_ratio'], '.2f'),
+        'setting': c['setting'], 'ours trainer': _rate(c['ours_trainer_samples_per_s']),
+        'open_clip trainer': _rate(c['open_clip_trainer_samples_per_s'], 'failed' if c['open_clip_error'] else 'n/a'),
+        'trainer ratio': _fmt(c['trainer_ratio'], '.2f'), 'ours step': _rate(c['ours_step_samples_per_s']),
+        'open_clip step': _rate(c['open_clip_step_samples_per_s']), 'step ratio': _fmt(c['step_ratio'], '.2f'),
         'open_clip data wait ms': _fmt(c['open_clip_trainer_data_s'] and c['open_clip_trainer_data_s'] * 1e3, '.0f'),
     } for c in result['open_clip']]).set_index('setting')
 
@@ -690,7 +695,7 @@ def write_results(result: dict, out: 'str | Path') -> tuple[Path, Path]:
     plt.close(plot_results(result, png_path))
     return json_path, png_path
 
-# %% ../nbs/06_bench.ipynb #f35f9946
+# %% ../nbs/06_bench.ipynb #2f5ab769
 NOISE = 0.03                            # a ratio this close below 1 is a tie: run-to-run variation on a shared machine
 TIE = f'tie (within {NOISE:.0%})'
 
@@ -726,7 +731,7 @@ def check_targets(result: dict) -> list[dict]:
     for c in result['open_clip']:
         add(f"our trainer's throughput ≥ open_clip's trainer ({c['setting']}, data loading included)",
             f"ours/open_clip {_fmt(c['trainer_ratio'], '.3f')} with {where}", at_least_one(c['trainer_ratio']))
-        add(("on CPU: our step time no worse than open_clip's on the same tiny config" if not gpu else
+        add(("on CPU: our step time no worse than open_clip's on the same config" if not gpu else
              "our training step no slower than open_clip's") + f" ({c['setting']}, data excluded)",
             f"ours/open_clip {_fmt(c['step_ratio'], '.3f')} (median of per-round ratios) with {where}", at_least_one(c['step_ratio']))
     mfu = {n: rows[n]['mfu'] for n in ('none', 'random-0.5') if n in rows}
