@@ -349,7 +349,7 @@ def parse_open_clip_log(text: str) -> list[dict]:
     return [dict(epoch=int(m[1]), samples=int(m[2]), epoch_samples=int(m[3]), data_s=float(m[4]), batch_s=float(m[5]),
                  samples_per_s=float(m[6]), samples_per_s_per_gpu=float(m[7])) for m in OPEN_CLIP_LINE.finditer(text)]
 
-# %% ../nbs/06_bench.ipynb #a63f91cc
+# %% ../nbs/06_bench.ipynb #69689720
 def find_openclip_pythonpath(path: 'str | Path | None' = None, install: bool = True) -> str | None:
     """A folder holding webdataset 0.2.x for open_clip_train's pipeline, or None when the installed webdataset is 0.x.
     Default: `$TMPDIR/wds0286`, pip-installed there when missing and `install`."""
@@ -394,7 +394,7 @@ def run_our_trainer(model: str, shards: str, setting: BenchSetting, *, batch: in
                       train_data=shards, train_num_samples=(steps + 1) * batch * max(1, workers),  # one epoch covers the run
                       data={'resampled': True, 'scale': (0.9, 1.0)}, workers=workers, batch_size=batch, steps=steps,
                       lr=5e-4, warmup=1, precision=precision, device=str(device), output_dir=str(work / f'ours_{setting.name}'),
-                      checkpoint_every=10**9, log_every=1, progress_bar=False, seed=seed)
+                      checkpoint_every=10**9, log_every=1, progress_bar=False, seed=seed, threads=torch.get_num_threads())
     summary = train(cfg)
     return dict(error=None, steps=[dict(samples_per_s=r['samples_per_s']) for r in read_metrics(summary['metrics'])])
 
