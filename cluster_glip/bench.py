@@ -172,7 +172,7 @@ def tokens_gflops(model: str, kept: int, image_size: int) -> float:
     assert counted['tokens'] == 1 + min(kept, patches)
     return counted['total']
 
-# %% ../nbs/06_bench.ipynb #b4bb9a93
+# %% ../nbs/06_bench.ipynb #67c4b840
 def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Tensor, *, device='cpu',
                      precision: str = 'fp32', steps: int = 1, warmup: int = 1, repeats: int = 5, seed: int = 0,
                      max_batch: bool = False, max_batch_limit: int = 8192, open_clip_step: Callable | None = None,
@@ -206,7 +206,6 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
         run.kept.append(net.plan_mask(run.pixels, run.generator).indices.shape[1])   # K: a shape, no host sync
 
     def theirs(run): open_clip_step(run.setting)
-    timed = [('step', step), ('plan', plan)]
     runnable = lambda run, what: what != 'open_clip' or (open_clip_step is not None and _open_clip_can_run(run.setting))
 
     rows = []
@@ -231,7 +230,8 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     for row in rows:
         run = runs[row['setting']]
         step_s, plan_s = times[(row['setting'], 'step')], times[(row['setting'], 'plan')]
-        growth = row.pop('memory').growth
+        memory = row.pop('memory')
+        growth = memory.growth
         row.update(batch=len(images), tokens=1 + statistics.fmean(run.kept),
                    gflops=statistics.fmean(tokens_gflops(model, k, run.size) for k in run.kept),
                    step_s=statistics.median(step_s), step_s_repeats=step_s, samples_per_s=len(images) / statistics.median(step_s),
