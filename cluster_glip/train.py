@@ -531,7 +531,7 @@ def calibrate_threshold(model: nn.Module, images: torch.Tensor, generator: torch
         masker.threshold_value = threshold = value.item()
     return threshold
 
-# %% ../nbs/03_train.ipynb #58a3e7e6
+# %% ../nbs/03_train.ipynb #cace98d6
 def _find_resume(resume: str | None, folder: Path) -> Path | None:
     if resume is None: return None
     if resume == 'latest': return (list_checkpoints(folder) or [None])[-1]
@@ -649,7 +649,8 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
                      'logit_scale': model.logit_scale.exp().item(), 'grad_norm': grad_norm,
                      'samples_per_s': samples_per_s, 'tflops': tflops, **({'mfu': tflops / peak} if peak else {}),
                      **{f'mask_{k}': v for k, v in zip(result['mask'], mask_values)}, 'mask_progress': model.masker.progress,
-                     'data_skipped': sum(loader.skipped.values()), 'skipped_steps': skipped_steps})
+                     'data_skipped': sum(loader.skipped.values()), 'skipped_steps': skipped_steps,
+                     **{f'data_{reason}': n for reason, n in loader.skipped.items() if n}})  # this process's loader
             bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
 
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):

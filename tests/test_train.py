@@ -43,7 +43,7 @@ def tiny_fields(shards: str, out: Path, **fields) -> dict:
     "A tiny, fast run of the tiny preset: 32 px model, small batches, every step logged."
     return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 6,
             'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 1000, 'progress_bar': False,
-            'device': 'cpu', 'masking': {'strategy': 'cluster', 'ratio': 0.5}, **fields}
+            'device': 'cpu', 'tune_steps': 0, 'masking': {'strategy': 'cluster', 'ratio': 0.5}, **fields}
 
 
 def cli(fields: dict) -> list[str]:
