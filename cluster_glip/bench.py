@@ -172,7 +172,7 @@ def tokens_gflops(model: str, kept: int, image_size: int) -> float:
     assert counted['tokens'] == 1 + min(kept, patches)
     return counted['total']
 
-# %% ../nbs/06_bench.ipynb #b4bb9a93
+# %% ../nbs/06_bench.ipynb #67c4b840
 def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Tensor, *, device='cpu',
                      precision: str = 'fp32', steps: int = 1, warmup: int = 1, repeats: int = 5, seed: int = 0,
                      max_batch: bool = False, max_batch_limit: int = 8192, open_clip_step: Callable | None = None,
@@ -206,7 +206,6 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
         run.kept.append(net.plan_mask(run.pixels, run.generator).indices.shape[1])   # K: a shape, no host sync
 
     def theirs(run): open_clip_step(run.setting)
-    timed = [('step', step), ('plan', plan)]
     runnable = lambda run, what: what != 'open_clip' or (open_clip_step is not None and _open_clip_can_run(run.setting))
 
     rows = []
@@ -231,7 +230,8 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     for row in rows:
         run = runs[row['setting']]
         step_s, plan_s = times[(row['setting'], 'step')], times[(row['setting'], 'plan')]
-        growth = row.pop('memory').growth
+        memory = row.pop('memory')
+        growth = memory.growth
         row.update(batch=len(images), tokens=1 + statistics.fmean(run.kept),
                    gflops=statistics.fmean(tokens_gflops(model, k, run.size) for k in run.kept),
                    step_s=statistics.median(step_s), step_s_repeats=step_s, samples_per_s=len(images) / statistics.median(step_s),
@@ -349,7 +349,7 @@ def parse_open_clip_log(text: str) -> list[dict]:
     return [dict(epoch=int(m[1]), samples=int(m[2]), epoch_samples=int(m[3]), data_s=float(m[4]), batch_s=float(m[5]),
                  samples_per_s=float(m[6]), samples_per_s_per_gpu=float(m[7])) for m in OPEN_CLIP_LINE.finditer(text)]
 
-# %% ../nbs/06_bench.ipynb #a63f91cc
+# %% ../nbs/06_bench.ipynb #69689720
 def find_openclip_pythonpath(path: 'str | Path | None' = None, install: bool = True) -> str | None:
     """A folder holding webdataset 0.2.x for open_clip_train's pipeline, or None when the installed webdataset is 0.x.
     Default: `$TMPDIR/wds0286`, pip-installed there when missing and `install`."""
@@ -394,7 +394,7 @@ def run_our_trainer(model: str, shards: str, setting: BenchSetting, *, batch: in
                       train_data=shards, train_num_samples=(steps + 1) * batch * max(1, workers),  # one epoch covers the run
                       data={'resampled': True, 'scale': (0.9, 1.0)}, workers=workers, batch_size=batch, steps=steps,
                       lr=5e-4, warmup=1, precision=precision, device=str(device), output_dir=str(work / f'ours_{setting.name}'),
-                      checkpoint_every=10**9, log_every=1, progress_bar=False, seed=seed)
+                      checkpoint_every=10**9, log_every=1, progress_bar=False, seed=seed, threads=torch.get_num_threads())
     summary = train(cfg)
     return dict(error=None, steps=[dict(samples_per_s=r['samples_per_s']) for r in read_metrics(summary['metrics'])])
 
@@ -605,15 +605,20 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
     say(format_report(result))
     return result
 
-# %% ../nbs/06_bench.ipynb #04b33320
+# %% ../nbs/06_bench.ipynb #90dcc27e
 def _fmt(value, spec: str, na: str = 'n/a') -> str:
     return na if value is None else format(value, spec)
+
+def _rate(value, na: str = 'n/a') -> str:
+    "Samples/s with at least three significant digits and no exponent."
+    return na if value is None else f'{value:.1f}' if value >= 10 else f'{value:.3g}'
+
 
 def settings_table(result: dict):
     "The per-setting results as a table (a pandas DataFrame)."
     import pandas as pd
     return pd.DataFrame([{
-        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'samples/s': f"{r['samples_per_s']:.1f}",
+        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'samples/s': _rate(r['samples_per_s']),
         'step ms': f"{r['step_s'] * 1e3:.0f}", 'speed-up': _fmt(r['speedup'], '.2f'), 'ideal': _fmt(r['ideal_speedup'], '.2f'),
         'of ideal': _fmt(r['speedup_of_ideal'], '.0%'), 'mask % of step': f"{r['mask_overhead']:.1%}",
         'TFLOP/s': f"{r['tflops']:.3g}", 'MFU': _fmt(r['mfu'], '.1%'), 'peak MB': _fmt(r['peak_memory_mb'], '.0f'),
@@ -624,10 +629,10 @@ def comparison_table(result: dict):
     "Ours against open_clip, per compared setting (a pandas DataFrame)."
     import pandas as pd
     return pd.DataFrame([{
-        'setting': c['setting'], 'ours trainer': _fmt(c['ours_trainer_samples_per_s'], '.1f'),
-        'open_clip trainer': _fmt(c['open_clip_trainer_samples_per_s'], '.1f', 'failed' if c['open_clip_error'] else 'n/a'),
-        'trainer ratio': _fmt(c['trainer_ratio'], '.2f'), 'ours step': _fmt(c['ours_step_samples_per_s'], '.1f'),
-        'open_clip step': _fmt(c['open_clip_step_samples_per_s'], '.1f'), 'step ratio': _fmt(c['step_ratio'], '.2f'),
+        'setting': c['setting'], 'ours trainer': _rate(c['ours_trainer_samples_per_s']),
+        'open_clip trainer': _rate(c['open_clip_trainer_samples_per_s'], 'failed' if c['open_clip_error'] else 'n/a'),
+        'trainer ratio': _fmt(c['trainer_ratio'], '.2f'), 'ours step': _rate(c['ours_step_samples_per_s']),
+        'open_clip step': _rate(c['open_clip_step_samples_per_s']), 'step ratio': _fmt(c['step_ratio'], '.2f'),
         'open_clip data wait ms': _fmt(c['open_clip_trainer_data_s'] and c['open_clip_trainer_data_s'] * 1e3, '.0f'),
     } for c in result['open_clip']]).set_index('setting')
 
@@ -690,7 +695,7 @@ def write_results(result: dict, out: 'str | Path') -> tuple[Path, Path]:
     plt.close(plot_results(result, png_path))
     return json_path, png_path
 
-# %% ../nbs/06_bench.ipynb #f35f9946
+# %% ../nbs/06_bench.ipynb #2f5ab769
 NOISE = 0.03                            # a ratio this close below 1 is a tie: run-to-run variation on a shared machine
 TIE = f'tie (within {NOISE:.0%})'
 
@@ -726,7 +731,7 @@ def check_targets(result: dict) -> list[dict]:
     for c in result['open_clip']:
         add(f"our trainer's throughput ≥ open_clip's trainer ({c['setting']}, data loading included)",
             f"ours/open_clip {_fmt(c['trainer_ratio'], '.3f')} with {where}", at_least_one(c['trainer_ratio']))
-        add(("on CPU: our step time no worse than open_clip's on the same tiny config" if not gpu else
+        add(("on CPU: our step time no worse than open_clip's on the same config" if not gpu else
              "our training step no slower than open_clip's") + f" ({c['setting']}, data excluded)",
             f"ours/open_clip {_fmt(c['step_ratio'], '.3f')} (median of per-round ratios) with {where}", at_least_one(c['step_ratio']))
     mfu = {n: rows[n]['mfu'] for n in ('none', 'random-0.5') if n in rows}

@@ -465,7 +465,7 @@ def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | N
     loader.set_epoch(epoch)
     return loader
 
-# %% ../nbs/02_data.ipynb #785dc041
+# %% ../nbs/02_data.ipynb #3eaee17b
 PALETTE = {  # colour word → RGB; the first six are the default vocabulary, far apart in hue
     'red': (220, 40, 40), 'orange': (245, 140, 20), 'yellow': (235, 215, 30), 'green': (40, 160, 70),
     'blue': (40, 90, 220), 'purple': (140, 60, 190), 'pink': (245, 130, 190), 'brown': (130, 80, 35),
@@ -481,7 +481,7 @@ SHAPE_VERTICES = {  # unit-circumradius outlines (y points down); 'circle' is dr
               (-1, .34), (-1, -.34), (-.34, -.34)],
 }
 COLORS = ('red', 'orange', 'yellow', 'green', 'blue', 'purple')
-SHAPES = ('circle', 'square', 'triangle', 'cross')
+SHAPES = ('circle', 'square', 'triangle', 'star')
 TEXTURES = ('plain', 'striped', 'dotted')
 SIZE_RADII = {'small': (0.11, 0.16), 'large': (0.22, 0.34)}  # radius as a fraction of the image side
 
@@ -508,7 +508,7 @@ class SynthConfig:
         "Zero-shot class names, colour-major: 'red circle', 'red square', ..."
         return [f'{c} {s}' for c in self.colors for s in self.shapes]
 
-# %% ../nbs/02_data.ipynb #c72ab35c
+# %% ../nbs/02_data.ipynb #48cb9a43
 def _relation(a: dict, b: dict) -> str:
     "Where object `a` is relative to object `b`, by the larger of the horizontal and vertical offsets."
     dx, dy = a['x'] - b['x'], a['y'] - b['y']
@@ -547,9 +547,9 @@ def sample_scene(rng: random.Random, cfg: SynthConfig = SynthConfig(), *, n_obje
     if n_objects is None:  # 1, 2 or 3 objects with probabilities .5, .35, .15 (capped at max_objects)
         u = rng.random()
         n_objects = min(cfg.max_objects, 1 if u < .5 else 2 if u < .85 else 3)
-    tone = rng.choice(('light', 'dark'))
-    level = rng.uniform(170, 235) if tone == 'light' else rng.uniform(20, 75)
-    background = dict(tone=tone, style=rng.choice(('plain', 'gradient', 'noisy', 'grid')),
+    tone = 'light' if rng.random() < 0.9 else 'dark'  # mostly light: an object's edges keep one polarity (see below)
+    level = rng.uniform(165, 240) if tone == 'light' else rng.uniform(20, 75)
+    background = dict(tone=tone, style=rng.choices(('plain', 'gradient', 'noisy', 'grid'), (.35, .35, .15, .15))[0],
                       rgb=[_clip255(level + rng.gauss(0, 8)) for _ in range(3)],
                       amount=float(rng.uniform(12, 30)), angle=float(rng.uniform(0, 360)), period=rng.randrange(6, 12))
     objects = []
@@ -561,14 +561,18 @@ def sample_scene(rng: random.Random, cfg: SynthConfig = SynthConfig(), *, n_obje
         else: color, shape = rng.choice(colors), rng.choice(shapes)
         label = 'large' if k == 0 else 'small'
         radius = rng.uniform(*SIZE_RADII[label]) * size
-        obj = dict(shape=shape, color=color, size=label, texture=rng.choice(textures), radius=float(radius),
+        texture = 'plain' if 'plain' in textures and rng.random() < 0.5 else rng.choice([t for t in textures if t != 'plain'] or textures)
+        obj = dict(shape=shape, color=color, size=label, texture=texture, radius=float(radius),
                    angle=float(rng.uniform(-15, 15)), texture_angle=float(rng.choice((0, 45, 90, 135))),
                    texture_period=float(rng.uniform(5, 8) * size / 64),
                    rgb=[_clip255(c * rng.uniform(0.88, 1.08) + rng.gauss(0, 6)) for c in PALETTE[color]])
         if k > 0 and digits and rng.random() < 0.25:
             obj.update(shape='digit', texture='plain', digit_index=rng.randrange(1797))
-        for _ in range(50):  # rejection sampling of a free position
-            x, y = rng.uniform(radius + 1, size - radius - 1), rng.uniform(radius + 1, size - radius - 1)
+        # the primary object near the centre (as in photographs), the others anywhere free (rejection sampling)
+        low, high = radius + 1, size - radius - 1
+        if k == 0: low, high = max(low, size * 0.35), min(high, size * 0.65)
+        for _ in range(50):
+            x, y = rng.uniform(low, max(low, high)), rng.uniform(low, max(low, high))
             if all(math.hypot(x - o['x'], y - o['y']) > radius + o['radius'] + 2 for o in objects): break
         else: continue  # no room: the scene has fewer objects
         objects.append(dict(obj, x=float(x), y=float(y)))
@@ -591,13 +595,16 @@ def _digits():
             with gzip.open(path, 'rt') as f: table = np.loadtxt(f, delimiter=',', dtype=np.float32)
             images, labels = table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
         else:
-            from sklearn.datasets import load_digits
+            try: from sklearn.datasets import load_digits
+            except ImportError as e:
+                raise ImportError("the handwritten digits come with scikit-learn: pip install scikit-learn, or make "
+                                  "scenes without digits (SynthConfig(digits=False), cluster_glip synth --no_digits)") from e
             d = load_digits()
             images, labels = d.images.astype(np.float32), d.target
         _DIGITS = images / 16, labels
     return _DIGITS
 
-# %% ../nbs/02_data.ipynb #5f406cf5
+# %% ../nbs/02_data.ipynb #08752ff6
 def _object_box(obj: dict, size: int) -> tuple:
     "`(top, bottom, left, right)` pixel bounds of the object, clipped to the image."
     x, y, r = obj['x'], obj['y'], obj['radius'] * 1.1 + 1
@@ -634,7 +641,7 @@ def _object_paint(obj: dict, box: tuple, size: int) -> np.ndarray:
     top, bottom, left, right = box
     base = np.array(obj['rgb'], np.float32)
     if obj['texture'] == 'plain': return base
-    shade = base + (255 - base) * 0.55 if base.mean() < 140 else base * 0.5  # lighter on dark colours, darker on light
+    shade = base + (255 - base) * 0.3 if base.mean() < 140 else base * 0.7  # lighter on dark colours, darker on light
     yy, xx = (g[top:bottom, left:right] for g in _pixel_grid(size))
     period, t = obj['texture_period'], math.radians(obj['texture_angle'])
     # both patterns are phased so that the object's centre lies in its own colour, away from any stripe or dot
@@ -659,7 +666,7 @@ def render_scene(scene: dict) -> Image.Image:
     elif bg['style'] == 'noisy':  # one of 8 fixed noise fields, shifted by the scene's seed: cheap and deterministic
         seed = scene['seed']
         field = np.roll(_noise_fields(size)[seed % 8], (seed >> 3) % size, axis=0)
-        canvas += np.roll(field, (seed >> 11) % size, axis=1) * (bg['amount'] / 2)
+        canvas += np.roll(field, (seed >> 11) % size, axis=1) * (bg['amount'] / 3)
     elif bg['style'] == 'grid':
         lines = np.mod(np.arange(size), bg['period']) == 0
         canvas[lines, :] += bg['amount'] if bg['tone'] == 'dark' else -bg['amount']

@@ -12,8 +12,8 @@ __all__ = ['Precision', 'LOADER_OPTIONS', 'PEAK_TFLOPS', 'TrainConfig', 'ConfigE
            'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_threshold', 'train',
            'synthetic_zero_shot', 'plot_loss', 'run_demo', 'train_cli']
 
-# %% ../nbs/03_train.ipynb #763bb564
-import dataclasses, difflib, hashlib, importlib, inspect, json, math, os, random, re, sys, time, types, typing
+# %% ../nbs/03_train.ipynb #3e335f01
+import dataclasses, difflib, hashlib, importlib, inspect, io, json, math, os, random, re, sys, time, types, typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -31,7 +31,7 @@ from .masking import Kept, PatchMasker
 from .model import create_model, patch_tokens
 from .data import eval_transform, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
 
-# %% ../nbs/03_train.ipynb #cf4386cb
+# %% ../nbs/03_train.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
 
 @dataclass
@@ -82,12 +82,13 @@ class TrainConfig:
     eval_args: dict = field(default_factory=dict)
     nan_policy: Literal['stop', 'skip'] = 'stop'
     device: str | None = None              # None: cuda:LOCAL_RANK when CUDA is available, else cpu
+    threads: int | None = None             # torch CPU threads per process; None: torch's default (1 is best on busy CPUs)
     peak_tflops: float | None = None       # per-device peak for MFU; None: looked up for known GPUs
     progress_bar: bool = True
 
     def __post_init__(self): validate_config(self)
 
-# %% ../nbs/03_train.ipynb #1c553316
+# %% ../nbs/03_train.ipynb #31d46cff
 class ConfigError(ValueError):
     "A training config that cannot run: the message names the field."
 
@@ -104,7 +105,7 @@ _RANGES = {  # field -> (is it fine, what it must be)
     'tune_warmup': (lambda v: v >= 0, '>= 0'), 'tune_batch_size': (lambda v: v >= 1, '>= 1'),
     'checkpoint_every': (lambda v: v >= 1, '>= 1'), 'keep_last': (lambda v: v >= 1, '>= 1'),
     'log_every': (lambda v: v >= 1, '>= 1'), 'eval_every': (lambda v: v >= 0, '>= 0'),
-    'peak_tflops': (lambda v: v > 0, '> 0'),
+    'peak_tflops': (lambda v: v > 0, '> 0'), 'threads': (lambda v: v >= 1, '>= 1'),
 }
 
 def _type_name(tp) -> str:
@@ -397,7 +398,7 @@ def train_step(model: nn.Module, micro_batches: list, optimizer: torch.optim.Opt
         with torch.no_grad(): raw.logit_scale.clamp_(0, math.log(100))  # temperature at most 100, as CLIP
     return {'loss': loss.detach(), 'grad_norm': grad_norm.detach(), 'skipped': skipped, 'mask': _mean_stats(kepts)}
 
-# %% ../nbs/03_train.ipynb #3573c7ff
+# %% ../nbs/03_train.ipynb #b784f521
 def rng_state(mask_generator: torch.Generator | None = None) -> dict:
     "This process's random states (Python, NumPy, torch CPU/CUDA, the mask generator) as tensors and numbers."
     _, py_keys, py_gauss = random.getstate()
@@ -418,7 +419,7 @@ def set_rng_state(state: dict, mask_generator: torch.Generator | None = None):
     if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state(state['cuda'])
     if mask_generator is not None and 'mask' in state: mask_generator.set_state(state['mask'])
 
-# %% ../nbs/03_train.ipynb #8a9fbf4d
+# %% ../nbs/03_train.ipynb #5090794a
 _CKPT = re.compile(r'^step_(\d+)\.pt$')
 
 def save_checkpoint(obj: dict, path: str | Path):
@@ -447,7 +448,7 @@ def load_checkpoint(path: str | Path) -> dict:
     "A checkpoint read safely (`weights_only=True`) onto the CPU."
     return torch.load(path, map_location='cpu', weights_only=True)
 
-# %% ../nbs/03_train.ipynb #70880267
+# %% ../nbs/03_train.ipynb #6cbc3a4e
 try: from torch.utils.tensorboard import SummaryWriter
 except ImportError: SummaryWriter = None  # tensorboard is optional
 
@@ -478,7 +479,7 @@ def read_metrics(path: str | Path, event: str = 'train') -> list[dict]:
     "The records of one kind from a metrics.jsonl file."
     return [r for l in Path(path).read_text().splitlines() if l.strip() and (r := json.loads(l)).get('event') == event]
 
-# %% ../nbs/03_train.ipynb #d5e02d5b
+# %% ../nbs/03_train.ipynb #34c570ff
 PEAK_TFLOPS = {  # dense tensor-core peak per GPU, (16-bit, TF32) TFLOP/s, from the vendors' data sheets (SXM parts)
     'H200': (989, 495), 'H100': (989, 495), 'A100': (312, 156), 'L40S': (362, 183), 'A10': (125, 62.5),
     'L4': (121, 60), 'V100': (125, 15.7), 'RTX 4090': (165, 82.6), 'RTX 3090': (71, 35.6)}
@@ -498,7 +499,7 @@ def train_flops_per_sample(model: nn.Module, images: torch.Tensor, texts: torch.
     with torch.no_grad(), FlopCounterMode(display=False) as counter: model(images, texts, generator=generator)
     return counter.get_total_flops() / len(images) * (3 + (accum_steps > 1))
 
-# %% ../nbs/03_train.ipynb #6f028ab1
+# %% ../nbs/03_train.ipynb #8bce7f46
 def derived_seed(*parts) -> int:
     "A 63-bit seed depending on every part, stable across processes and Python runs."
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') >> 1
@@ -530,7 +531,7 @@ def calibrate_threshold(model: nn.Module, images: torch.Tensor, generator: torch
         masker.threshold_value = threshold = value.item()
     return threshold
 
-# %% ../nbs/03_train.ipynb #b5c3bbce
+# %% ../nbs/03_train.ipynb #cace98d6
 def _find_resume(resume: str | None, folder: Path) -> Path | None:
     if resume is None: return None
     if resume == 'latest': return (list_checkpoints(folder) or [None])[-1]
@@ -556,6 +557,7 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
         raise ConfigError(f"config field 'resume': {ckpt_dir} already has checkpoints; set resume='latest' to carry on "
                           'or choose another output_dir')
     if env.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if cfg.threads: torch.set_num_threads(cfg.threads)
 
     # -- model, optimiser, grad scaler: the same initial weights in every process
     torch.manual_seed(cfg.seed)
@@ -647,7 +649,8 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
                      'logit_scale': model.logit_scale.exp().item(), 'grad_norm': grad_norm,
                      'samples_per_s': samples_per_s, 'tflops': tflops, **({'mfu': tflops / peak} if peak else {}),
                      **{f'mask_{k}': v for k, v in zip(result['mask'], mask_values)}, 'mask_progress': model.masker.progress,
-                     'data_skipped': sum(loader.skipped.values()), 'skipped_steps': skipped_steps})
+                     'data_skipped': sum(loader.skipped.values()), 'skipped_steps': skipped_steps,
+                     **{f'data_{reason}': n for reason, n in loader.skipped.items() if n}})  # this process's loader
             bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
 
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
@@ -682,7 +685,7 @@ def _forever(loader):
     "The loader's batches epoch after epoch (a TrainLoader carries on from its position)."
     while True: yield from loader
 
-# %% ../nbs/03_train.ipynb #241440c2
+# %% ../nbs/03_train.ipynb #15ccca8d
 def _read_zeroshot_split(root: Path, split: str = 'test'):
     "(PIL images, labels) of a CLIP_benchmark webdataset split (`{split}/nshards.txt`, `{split}/N.tar` with image + .cls)."
     import tarfile
@@ -720,7 +723,7 @@ def synthetic_zero_shot(model: nn.Module, root: str | Path, batch_size: int = 25
     return {'top1': (predicted == labels).float().mean().item(), 'top5': (top5 == labels[:, None]).any(1).float().mean().item(),
             'mean_per_class_recall': torch.stack(recalls).mean().item()}
 
-# %% ../nbs/03_train.ipynb #98f00b76
+# %% ../nbs/03_train.ipynb #a4f7894e
 def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 'training loss'):
     "A seaborn plot of the training loss per step from a metrics.jsonl file, saved to `path` when given."
     import matplotlib.pyplot as plt, seaborn as sns
@@ -732,7 +735,7 @@ def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 
     if path is not None: fig.savefig(path, dpi=120)
     return fig
 
-# %% ../nbs/03_train.ipynb #3951a774
+# %% ../nbs/03_train.ipynb #d9c9dd6d
 def run_demo(out_dir: str | Path = 'runs/demo', *, steps: int | None = None, n_train: int = 20_000,
              overrides: list[str] = (), quiet: bool = False) -> dict:
     "Write the synthetic data, pre-train the tiny model with cluster masking on CPU, evaluate zero-shot, plot; a summary."
@@ -768,7 +771,7 @@ def run_demo(out_dir: str | Path = 'runs/demo', *, steps: int | None = None, n_t
         f"  summary:    {out_dir/'demo.json'}")
     return result
 
-# %% ../nbs/03_train.ipynb #1b9bad30
+# %% ../nbs/03_train.ipynb #1d8734ae
 @call_parse
 def train_cli(
     config: Param('YAML config(s): paths or packaged presets (tiny, glip_cc12m, cluster_cc12m_vitb16, ...); later win', str, nargs='+') = None,
