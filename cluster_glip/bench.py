@@ -30,7 +30,7 @@ from torch import nn
 
 from .data import SynthConfig, loader_throughput, train_loader, write_synthetic_shards
 from .masking import STRATEGIES, PatchMasker
-from .model import create_model, forward_gflops
+from .model import compile_model, create_model, forward_gflops
 from .train import (TrainConfig, calibrate_threshold, make_optimizer, make_scaler, read_config_file,
                                 read_metrics, train, train_step)
 from .train import peak_tflops as device_peak_tflops
@@ -176,7 +176,7 @@ def tokens_gflops(model: str, kept: int, image_size: int) -> float:
 def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Tensor, *, device='cpu',
                      precision: str = 'fp32', steps: int = 1, warmup: int = 1, repeats: int = 5, seed: int = 0,
                      max_batch: bool = False, max_batch_limit: int = 8192, open_clip_step: Callable | None = None,
-                     say=print) -> list[dict]:
+                     compile: bool = False, say=print) -> list[dict]:
     """Median step time, masking time, memory and FLOPs of `model` training on `images` [B, 3, H, W] / `texts` [B, T]
     under each setting; one dict per setting. `open_clip_step(setting)`, when given, is timed in the same rounds for
     the settings open_clip can run (`none`, `random-r`)."""
@@ -184,6 +184,7 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     settings = [parse_setting(s) for s in settings]
     torch.manual_seed(seed)
     net = create_model(model, device=device).train()
+    stepper = compile_model(net) if compile else net                          # compiled: one static graph per setting
     patch, native = net.visual.patch_size[0], net.visual.image_size[0]
     optimizer, scaler = make_optimizer(net, lr=1e-5), make_scaler(precision, device)
     images, texts = images.to(device), texts.to(device)                      # [B, 3, H, W], [B, T]
@@ -197,7 +198,7 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
 
     def step(run, pixels=None, words=None):
         net.masker = run.masker
-        out = train_step(net, [(run.pixels if pixels is None else pixels, texts if words is None else words)], optimizer,
+        out = train_step(stepper if pixels is None else net, [(run.pixels if pixels is None else pixels, texts if words is None else words)], optimizer,
                          scaler=scaler, precision=precision, generator=run.generator, nan_policy='skip')
         run.skipped += out['skipped']
 
@@ -531,7 +532,8 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
               out: 'str | Path | None' = None, *, peak_tflops: float | None = None, compare=('none', 'random-0.5'),
               workers: int = 1, trainer_runs: int = 2, openclip_pythonpath: 'str | None' = None, feed: bool = True,
               feed_steps_per_s: float | None = None, feed_batch: int = 256, max_batch: bool = False,
-              threads: int | None = None, data: str | None = None, seed: int = 0, quiet: bool = False) -> dict:
+              threads: int | None = None, data: str | None = None, seed: int = 0, compile: bool = False,
+              quiet: bool = False) -> dict:
     "Benchmark training of `model` per masking setting and against open_clip; the results dict (also OUT.json, OUT.png)."
     say = (lambda *a: None) if quiet else partial(print, flush=True)
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
@@ -557,7 +559,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
         phase('data')
         say(f'{model}, batch {batch}, {precision}, on {device} ({machine["gpu"] or machine["cpu"]}): {len(settings)} settings')
         rows = measure_settings(model, settings, images, texts, device=device, precision=precision, steps=steps,
-                                warmup=warmup, repeats=repeats, seed=seed, max_batch=max_batch, say=say,
+                                warmup=warmup, repeats=repeats, seed=seed, max_batch=max_batch, compile=compile, say=say,
                                 open_clip_step=open_clip_step_fn(model, images, texts, device=device, precision=precision,
                                                                  seed=seed) if compare else None)
         peak, peak_source = (peak_tflops, 'given (--peak_tflops)') if peak_tflops else (device_peak_tflops(device, precision), 'data sheet')
@@ -588,7 +590,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
                   machine=dict(machine, load_average_end=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None),
                   config=dict(model=model, batch=batch, precision=precision, device=str(device), steps=steps, warmup=warmup,
                               repeats=repeats, settings=[s.name for s in settings], compare=[s.name for s in compare],
-                              workers=workers, trainer_runs=trainer_runs, threads=torch.get_num_threads(),
+                              workers=workers, trainer_runs=trainer_runs, threads=torch.get_num_threads(), compile=compile,
                               data=data or 'synthetic', seed=seed,
                               peak_tflops=peak, peak_tflops_source=peak_source if peak else None, max_batch=max_batch,
                               openclip_pythonpath=pythonpath),
@@ -772,6 +774,7 @@ def bench_cli(
     feed_steps_per_s: Param('steps/s of the ViT-B/16 50 % GPU run to feed (default: measured on a GPU, else assumed)', float) = None,
     feed_batch: Param('batch per GPU of that run', int) = 256,
     max_batch: Param('search the largest batch that fits per setting (GPU)', bool) = False,
+    compile: Param('torch.compile our training step (static shapes, as train does); the batch search stays eager', bool) = False,
     threads: Param("torch threads (default: 1 on CPU, see the notebook; 0: torch's default)", int) = None,
     data: Param('training shards to read instead of synthetic ones (brace notation)', str) = None,
     seed: Param('random seed', int) = 0,
@@ -785,5 +788,5 @@ def bench_cli(
                          compare=split(compare), workers=workers, trainer_runs=trainer_runs,
                          openclip_pythonpath=openclip_pythonpath, feed=not no_feed,
                          feed_steps_per_s=feed_steps_per_s, feed_batch=feed_batch, max_batch=max_batch, threads=threads,
-                         data=data, seed=seed)
+                         data=data, seed=seed, compile=compile)
     except ValueError as e: raise SystemExit(f'cluster_glip bench: {e}') from None

@@ -26,7 +26,7 @@ def usage() -> str:
                       '', "'cluster_glip <command> --help' lists a command's options."])
 
 def main(argv: list[str] | None = None):
-    "Run `cluster_glip <command> ...`."
+    "Run `cluster_glip <command> ...`; returns the exit status 0 (the command functions return their results to Python)."
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ('-h', '--help'):
         print(usage()); return 0
@@ -38,4 +38,5 @@ def main(argv: list[str] | None = None):
     command = getattr(command, '__wrapped__', command)  # the plain function under `call_parse`
     args = vars(anno_parser(command, prog=f'cluster_glip {name}').parse_args(rest))
     args.pop('pdb', None); args.pop('xtra', None)     # call_parse's own switches
-    return command(**args)
+    command(**args)
+    return 0

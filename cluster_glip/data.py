@@ -7,8 +7,8 @@ __all__ = ['CLIP_MEAN', 'CLIP_STD', 'SKIP_REASONS', 'CONVERSIONS', 'IMAGE_EXTENS
            'SHAPES', 'TEXTURES', 'SIZE_RADII', 'OPPOSITE', 'ZEROSHOT_TEMPLATES', 'SUGARCREPE_SUBSETS', 'encode_image',
            'write_tar', 'write_shard_index', 'shard_pattern', 'seed_int', 'Source', 'expand_sources', 'shard_sizes',
            'dataset_size', 'RandomResizedCrop', 'normalize_pixels', 'to_rgb', 'train_transform', 'eval_transform',
-           'decode_sample', 'iter_shard', 'ShardStream', 'TrainLoader', 'train_loader', 'SynthConfig', 'sample_scene',
-           'render_scene', 'describe', 'caption_scene', 'synthetic_sample', 'write_synthetic_shards',
+           'decode_sample', 'data_counts', 'iter_shard', 'ShardStream', 'TrainLoader', 'train_loader', 'SynthConfig',
+           'sample_scene', 'render_scene', 'describe', 'caption_scene', 'synthetic_sample', 'write_synthetic_shards',
            'write_zeroshot_set', 'write_retrieval_set', 'composition_item', 'write_sugarcrepe_set',
            'write_synthetic_bundle', 'resolve_bundle', 'folder_to_shards', 'synth_cli', 'loader_throughput']
 
@@ -261,6 +261,13 @@ def decode_sample(sample: dict, min_size: int = 0):
         conversions.append('converted_mode')
     if min(image.size) < min_size: conversions.append('small_image')
     return image, caption, tuple(conversions)
+
+# %% ../nbs/02_data.ipynb #75934aeb
+def data_counts(counts: dict) -> dict:
+    "Loader fault counts as metrics: `data_skipped`, `data_converted`, then `data_<reason>` for each non-zero count."
+    return {'data_skipped': sum(counts.get(reason, 0) for reason in SKIP_REASONS),
+            'data_converted': sum(counts.get(reason, 0) for reason in CONVERSIONS),
+            **{f'data_{reason}': n for reason, n in counts.items() if n}}
 
 # %% ../nbs/02_data.ipynb #39ae1e67
 def iter_shard(url: str, counts: Counter):

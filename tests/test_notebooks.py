@@ -1,12 +1,13 @@
 """The notebooks are the source: conventions every notebook keeps (STYLE.md), and the test flags working as documented."""
-import json, re, subprocess, sys
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
-BIN = Path(sys.executable).parent
+# nbdev_test beside this Python (a venv), else on PATH (a server whose packages sit in a --target folder)
+NBDEV_TEST = shutil.which('nbdev_test', path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get('PATH', '')]))
 notebooks = sorted(p for p in NBS.rglob('*.ipynb') if not any(part.startswith(('_', '.')) for part in p.relative_to(NBS).parts))
 
 
@@ -50,7 +51,7 @@ def test_cuda_flagged_cell_is_skipped_without_the_flag(tmp_path):
                      'source': ['#| cuda\n', "raise RuntimeError('a cuda cell ran')"]}],
           'metadata': {}, 'nbformat': 4, 'nbformat_minor': 5}
     (tmp_path / 'gpu_only.ipynb').write_text(json.dumps(nb))
-    run = lambda flags: subprocess.run([BIN / 'nbdev_test', '--path', 'gpu_only.ipynb', '--flags', flags],
+    run = lambda flags: subprocess.run([NBDEV_TEST, '--path', 'gpu_only.ipynb', '--flags', flags],
                                        cwd=tmp_path, capture_output=True, text=True)
     skipped, forced = run(''), run('cuda')
     assert skipped.returncode == 0, skipped.stderr

@@ -57,7 +57,8 @@ def swept(tmp_path_factory):
     spec = {'name': 'two', 'description': 'two tiny points and a broken one',
             'base': {'config': 'tiny', 'synthetic_root': bundle['root'], 'synthetic_args': SMALL, 'eval_suite': 'synthetic',
                      'n_example_masks': 2, 'overrides': {'model': 'tiny-vit-32', 'steps': 3, 'batch_size': 16, 'warmup': 1,
-                                                         'log_every': 1, 'checkpoint_every': 100, 'workers': 0}},
+                                                         'log_every': 1, 'checkpoint_every': 100, 'workers': 0,
+                                                         'tune_steps': 0}},
             'variants': [{'name': 'flip', 'overrides.masking': masking},
                          {'name': 'cluster', 'overrides.masking': {'strategy': 'cluster', 'ratio': 0.5}},
                          # valid as a config (the runner's validation passes), fails in the notebook: no such shards

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks a CPU machine cannot run, on a bare GPU server without internet: run from the repository root.
+# Wheels of the packages the server lacks sit in .whl/ (and webdataset 0.2.86 for open_clip's trainer in .whl0286/);
+# logs go to $OUT (default runs/gpu_checks).
+#   part=notebooks  every notebook with `#| cuda` cells, run with the cuda flag, plus the CUDA pytest tests
+#   part=train      a cluster-masked ViT-B/16 training run (bf16, 8 loader workers) on synthetic shards, then its resume
+#   part=bench      `cluster_glip bench` for ViT-B/16 at batch 256 in bf16, against open_clip's trainer
+#   part=compiled   the same for four settings with the step compiled (--compile)
+set -uo pipefail
+OUT=${OUT:-runs/gpu_checks}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/wds0286 .whl0286/*.whl || exit 1
+  export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH JUPYTER_PATH=/tmp/site/share/jupyter
+fi
+export PYTHONUNBUFFERED=1
+cg() { python3 -c 'import sys; from cluster_glip.cli import main; sys.argv[0] = "cluster_glip"; main()' "$@"; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, open_clip, webdataset; print("torch", torch.__version__, "open_clip", open_clip.__version__, "webdataset", webdataset.__version__)'
+for part in ${PARTS:-notebooks train bench}; do case $part in
+notebooks)
+  for nb in $(grep -rlE '"#\| *cuda' nbs --include='*.ipynb'); do
+    start=$SECONDS; nbdev_test --path "$nb" --flags cuda 2>&1 | tee -a "$OUT/notebooks.log"
+    echo "$nb: exit ${PIPESTATUS[0]} in $((SECONDS - start)) s" | tee -a "$OUT/notebooks.log"
+  done
+  python3 -m pytest tests -q -rs -k 'cuda or gpu' -p no:cacheprovider 2>&1 | tail -5 | tee -a "$OUT/notebooks.log" ;;
+train)
+  cg synth --out /tmp/synth --n_train 20000 --n_zeroshot 240 --n_retrieval 100 --n_sugarcrepe 20 | tail -2
+  run() { cg train --config cluster_cc12m_vitb16 --set train_data='/tmp/synth/train/{00000..00019}.tar' \
+      --set train_num_samples=null --set epochs=null --set batch_size=256 --set workers=12 --set warmup=10 --set log_every=10 \
+      --set output_dir=/tmp/gpu_train --set checkpoint_every=40 --set keep_last=1 --set tune_steps=0 \
+      --set progress_bar=false "$@"; }
+  run --set steps=40 2>&1 | tail -3
+  run --set steps=80 --set resume=latest 2>&1 | tail -3
+  cp /tmp/gpu_train/metrics.jsonl "$OUT/train_metrics.jsonl" ;;
+bench)
+  cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --steps 10 --warmup 5 --repeats 5 --workers 12 --max_batch \
+     --openclip_pythonpath /tmp/wds0286 --out "$OUT/bench_gpu_vitb16" 2>&1 | tee "$OUT/bench.log" ;;
+compiled)
+  cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,random-0.5,random-0.75,cluster-0.5 \
+     --compare '' --no_feed --compile --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_compiled" 2>&1 | tee "$OUT/bench_compiled.log" ;;
+esac; done
