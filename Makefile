@@ -9,7 +9,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: install test check-sync nbtest pytest demo clean-nbs docs
+.PHONY: install test check-sync nbtest pytest demo gallery clean-nbs docs
 
 $(STAMP): setup.py settings.ini $(CONSTRAINTS)
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -46,10 +46,15 @@ pytest: install
 test: check-sync nbtest pytest
 
 DEMO_OUT ?= runs/demo
+# A cluster-masked pre-training of a tiny CLIP on the synthetic captioned data, on CPU, then its held-out evaluation.
 demo: install
-	mkdir -p $(DEMO_OUT)
-	$(BIN)/papermill nbs/experiments/mask_gallery.ipynb $(DEMO_OUT)/mask_gallery.ipynb -p out_dir $(DEMO_OUT) --no-progress-bar
-	@echo "demo: executed notebook $(DEMO_OUT)/mask_gallery.ipynb; figures and mask_stats.json in $(DEMO_OUT)/" 
+	$(BIN)/python -m cluster_glip.demo --out_dir $(DEMO_OUT)
+
+# The masking gallery: random, Gaussian and cluster masks on real photographs, with figures (papermill).
+gallery: install
+	mkdir -p $(DEMO_OUT)/gallery
+	$(BIN)/papermill nbs/experiments/mask_gallery.ipynb $(DEMO_OUT)/gallery/mask_gallery.ipynb -p out_dir $(DEMO_OUT)/gallery --no-progress-bar
+	@echo "gallery: executed notebook $(DEMO_OUT)/gallery/mask_gallery.ipynb; figures and mask_stats.json in $(DEMO_OUT)/gallery/"
 
 clean-nbs: install
 	$(BIN)/nbdev_clean

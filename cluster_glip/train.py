@@ -9,8 +9,8 @@ __all__ = ['Precision', 'LOADER_OPTIONS', 'PEAK_TFLOPS', 'TrainConfig', 'ConfigE
            'contrastive_loss', 'no_weight_decay', 'make_optimizer', 'cosine_lr', 'autocast', 'make_scaler', 'unwrap',
            'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'list_checkpoints', 'prune_checkpoints',
            'load_checkpoint', 'MetricsLog', 'read_metrics', 'peak_tflops', 'train_flops_per_sample', 'derived_seed',
-           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_threshold', 'train',
-           'synthetic_zero_shot', 'plot_loss', 'run_demo', 'train_cli']
+           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_threshold', 'train', 'plot_loss',
+           'train_cli']
 
 # %% ../nbs/03_train.ipynb #3e335f01
 import dataclasses, difflib, hashlib, importlib, inspect, io, json, math, os, random, re, sys, time, types, typing
@@ -686,44 +686,6 @@ def _forever(loader):
     "The loader's batches epoch after epoch (a TrainLoader carries on from its position)."
     while True: yield from loader
 
-# %% ../nbs/03_train.ipynb #15ccca8d
-def _read_zeroshot_split(root: Path, split: str = 'test'):
-    "(PIL images, labels) of a CLIP_benchmark webdataset split (`{split}/nshards.txt`, `{split}/N.tar` with image + .cls)."
-    import tarfile
-    from PIL import Image
-    samples = {}
-    for k in range(int((root/split/'nshards.txt').read_text())):
-        with tarfile.open(root/split/f'{k}.tar') as tar:
-            for member in tar.getmembers():
-                if not member.isfile(): continue
-                key, _, ext = member.name.rpartition('.')
-                data = tar.extractfile(member).read()
-                if ext == 'cls': samples.setdefault(key, {})['label'] = int(data.decode())
-                elif ext in ('webp', 'jpg', 'jpeg', 'png'): samples.setdefault(key, {})['image'] = Image.open(io.BytesIO(data)).convert('RGB')
-    items = [samples[key] for key in sorted(samples)]
-    return [s['image'] for s in items], torch.tensor([s['label'] for s in items])
-
-@torch.no_grad()
-def synthetic_zero_shot(model: nn.Module, root: str | Path, batch_size: int = 256) -> dict:
-    "Zero-shot top-1, top-5 and mean per-class recall of `model` on a CLIP_benchmark-layout set (e.g. the synthetic one)."
-    root, device = Path(root), next(model.parameters()).device
-    classes = (root/'classnames.txt').read_text().splitlines()
-    templates = (root/'zeroshot_classification_templates.txt').read_text().splitlines()
-    was_training = model.training; model.eval()
-    prompts = open_clip.tokenize([t.replace('{c}', c) for c in classes for t in templates]).to(device)   # [C·T, 77]
-    text = F.normalize(model.encode_text(prompts), dim=-1).view(len(classes), len(templates), -1)        # [C, T, E]
-    class_embeddings = F.normalize(text.mean(1), dim=-1)                                                 # [C, E]
-    images, labels = _read_zeroshot_split(root)
-    transform = eval_transform(model.visual.image_size[0])
-    logits = torch.cat([100 * F.normalize(model.encode_image(torch.stack([transform(im) for im in images[i:i + batch_size]]).to(device)), dim=-1)
-                        @ class_embeddings.T for i in range(0, len(images), batch_size)]).cpu()           # [N, C]
-    model.train(was_training)
-    top5 = logits.topk(min(5, len(classes)), dim=1).indices                                              # [N, 5]
-    predicted = top5[:, 0]
-    recalls = [(predicted[labels == c] == c).float().mean() for c in range(len(classes)) if (labels == c).any()]
-    return {'top1': (predicted == labels).float().mean().item(), 'top5': (top5 == labels[:, None]).any(1).float().mean().item(),
-            'mean_per_class_recall': torch.stack(recalls).mean().item()}
-
 # %% ../nbs/03_train.ipynb #a4f7894e
 def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 'training loss'):
     "A seaborn plot of the training loss per step from a metrics.jsonl file, saved to `path` when given."
@@ -735,42 +697,6 @@ def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=120)
     return fig
-
-# %% ../nbs/03_train.ipynb #d9c9dd6d
-def run_demo(out_dir: str | Path = 'runs/demo', *, steps: int | None = None, n_train: int = 20_000,
-             overrides: list[str] = (), quiet: bool = False) -> dict:
-    "Write the synthetic data, pre-train the tiny model with cluster masking on CPU, evaluate zero-shot, plot; a summary."
-    import shutil, matplotlib.pyplot as plt
-    out_dir = Path(out_dir)
-    say = (lambda *a: None) if quiet else print
-    start = time.perf_counter()
-    data_dir = out_dir/'data'
-    bundle = resolve_bundle(data_dir) if (data_dir/'bundle.json').exists() else None
-    if bundle is None or bundle['train']['num_samples'] != n_train:
-        say(f'writing {n_train} synthetic training pairs and the evaluation sets to {data_dir} ...')
-        bundle = write_synthetic_bundle(data_dir, n_train)
-    data_seconds = time.perf_counter() - start
-    shutil.rmtree(out_dir/'train', ignore_errors=True)
-    cfg = load_config('tiny', overrides=list(overrides), train_data=bundle['train']['shards'],
-                      output_dir=str(out_dir/'train'), progress_bar=not quiet, **({'steps': steps} if steps else {}))
-    say(f'training {cfg.model} with {cfg.masking} for {cfg.steps} steps of {cfg.batch_size} pairs on {cfg.device or "auto"} ...')
-    summary = train(cfg)
-    train_seconds = time.perf_counter() - start - data_seconds
-    model = create_model(cfg.model, pretrained=summary['checkpoint'])
-    zero_shot = synthetic_zero_shot(model, bundle['zeroshot']['root'])
-    figure = out_dir/'loss_curve.png'
-    plt.close(plot_loss(summary['metrics'], figure, title=f"{cfg.model}, {cfg.masking['strategy']} masking, synthetic data"))
-    result = {'zero_shot': zero_shot, 'metrics': summary['metrics'], 'checkpoint': summary['checkpoint'],
-              'figure': str(figure), 'config': str(out_dir/'train'/'config.yaml'), 'data': bundle['root'],
-              'data_seconds': data_seconds, 'train_seconds': train_seconds, 'seconds': time.perf_counter() - start}
-    (out_dir/'demo.json').write_text(json.dumps(result, indent=1))
-    say(f"\nzero-shot on {len(bundle['classes'])} synthetic classes: top-1 {zero_shot['top1']:.1%}, "
-        f"top-5 {zero_shot['top5']:.1%}, mean per-class recall {zero_shot['mean_per_class_recall']:.1%}\n"
-        f"time: {result['seconds']:.0f} s ({data_seconds:.0f} s writing data, {train_seconds:.0f} s training)\n"
-        f"  metrics:    {result['metrics']}\n  checkpoint: {result['checkpoint']}\n"
-        f"  loss curve: {result['figure']}\n  config:     {result['config']}\n  data:       {result['data']}\n"
-        f"  summary:    {out_dir/'demo.json'}")
-    return result
 
 # %% ../nbs/03_train.ipynb #1d8734ae
 @call_parse

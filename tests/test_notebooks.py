@@ -56,3 +56,14 @@ def test_cuda_flagged_cell_is_skipped_without_the_flag(tmp_path):
     skipped, forced = run(''), run('cuda')
     assert skipped.returncode == 0, skipped.stderr
     assert forced.returncode != 0 and 'a cuda cell ran' in forced.stdout + forced.stderr
+
+
+def test_every_notebook_is_in_the_docs_sidebar():
+    "The hand-written sidebar of `_quarto.yml` names every notebook, and only notebooks that exist."
+    import yaml
+    def pages(entries):
+        for entry in entries:
+            if isinstance(entry, str): yield entry
+            else: yield from pages(entry.get('contents', []))
+    listed = set(pages(yaml.safe_load((ROOT / '_quarto.yml').read_text())['website']['sidebar']['contents']))
+    assert listed == {str(p.relative_to(NBS)) for p in notebooks}
