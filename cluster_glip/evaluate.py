@@ -15,7 +15,7 @@ __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUI
            'summarize', 'chance_levels', 'against_chance', 'suite_metrics', 'load_model', 'format_rows', 'eval_cli']
 
 # %% ../nbs/04_evaluate.ipynb #d077bbfb
-import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, time, warnings
+import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, pickle, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -749,13 +749,17 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, device: str |
     except ModuleNotFoundError as e:
         if e.name != 'cluster_glip.model': raise
         ours = None
-    if not mask_strategy:
-        return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
-    if ours is None: raise ValueError('masked inference needs cluster_glip.model, which is not importable here')
-    from cluster_glip.masking import PatchMasker
-    patch_size = open_clip.get_model_config(name)['vision_cfg']['patch_size']
-    masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size, **mask_params)  # switched on per masked task
-    return ours.create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
+    try:                    # open_clip loads with weights_only=True: a file whose unpickling would run code is refused
+        if not mask_strategy:
+            return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
+        if ours is None: raise ValueError('masked inference needs cluster_glip.model, which is not importable here')
+        from cluster_glip.masking import PatchMasker
+        patch_size = open_clip.get_model_config(name)['vision_cfg']['patch_size']
+        masker = PatchMasker(mask_strategy, mask_ratio or 0.0, patch_size, **mask_params)  # switched on per masked task
+        return ours.create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
+    except pickle.UnpicklingError:
+        raise ValueError(f'{pretrained}: refused, it holds more than tensors and containers and loading it could run '
+                         'code') from None
 
 def format_rows(rows: Sequence[dict]) -> str:
     "A short table of the headline metric of each row."
@@ -788,7 +792,8 @@ def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkp
     "Evaluate a checkpoint on an evaluation suite; one JSON row per (task, dataset)."
     if masked and not mask_strategy:
         raise SystemExit('cluster_glip eval: --masked needs --mask_strategy (and --mask_ratio): the masking to evaluate with')
-    net = load_model(model, checkpoint, device=device, mask_strategy=mask_strategy, mask_ratio=mask_ratio)
+    try: net = load_model(model, checkpoint, device=device, mask_strategy=mask_strategy, mask_ratio=mask_ratio)
+    except (ValueError, FileNotFoundError) as e: raise SystemExit(f'cluster_glip eval: {e}') from None
     rows = evaluate_suite(net, suite, root=root, checkpoint=checkpoint or f'{model} (random init)',
                           tokenizer=model_tokenizer(net, model), masked=True if masked else None, batch_size=batch_size,
                           num_workers=workers, seed=seed, amp=not no_amp, feature_cache=feature_cache, out=out)

@@ -8,12 +8,13 @@ __all__ = ['Precision', 'LOADER_OPTIONS', 'PEAK_TFLOPS', 'TrainConfig', 'ConfigE
            'read_config_file', 'parse_override', 'load_config', 'DistEnv', 'init_distributed', 'gather_features',
            'contrastive_loss', 'no_weight_decay', 'make_optimizer', 'cosine_lr', 'autocast', 'make_scaler', 'unwrap',
            'train_step', 'rng_state', 'set_rng_state', 'save_checkpoint', 'list_checkpoints', 'prune_checkpoints',
-           'load_checkpoint', 'MetricsLog', 'read_metrics', 'peak_tflops', 'train_flops_per_sample', 'derived_seed',
-           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_threshold', 'train', 'plot_loss',
-           'train_cli']
+           'CheckpointError', 'load_checkpoint', 'MetricsLog', 'read_metrics', 'peak_tflops', 'train_flops_per_sample',
+           'derived_seed', 'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_threshold',
+           'preflight', 'train', 'plot_loss', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3e335f01
-import dataclasses, difflib, hashlib, importlib, inspect, io, json, math, os, random, re, sys, time, types, typing
+import dataclasses, difflib, hashlib, importlib, inspect, io, json, math, os, pickle, random, re, sys, time, types, typing
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -29,7 +30,7 @@ import open_clip
 
 from .masking import Kept, PatchMasker
 from .model import compile_model, create_model, patch_tokens
-from .data import data_counts, eval_transform, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
+from .data import data_counts, eval_transform, expand_sources, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
 
 # %% ../nbs/03_train.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
@@ -446,9 +447,16 @@ def prune_checkpoints(folder: str | Path, keep_last: int):
     for path in list_checkpoints(folder)[:-keep_last]: path.unlink()
     for tmp in Path(folder).glob('.step_*.tmp'): tmp.unlink(missing_ok=True)
 
+class CheckpointError(ValueError):
+    "A checkpoint that cannot be used: unreadable, unsafe to unpickle, or of another model."
+
 def load_checkpoint(path: str | Path) -> dict:
-    "A checkpoint read safely (`weights_only=True`) onto the CPU."
-    return torch.load(path, map_location='cpu', weights_only=True)
+    "A checkpoint read safely onto the CPU: `weights_only=True`, so a file that would run code when unpickled is refused."
+    try: return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r'GLOBAL \S+', str(e))
+        raise CheckpointError(f'{path}: refused, it holds more than tensors and containers and loading it could run '
+                              f"code ({found.group(0) if found else 'not plain data'})") from None
 
 # %% ../nbs/03_train.ipynb #6cbc3a4e
 try: from torch.utils.tensorboard import SummaryWriter
@@ -534,6 +542,25 @@ def calibrate_threshold(model: nn.Module, images: torch.Tensor, generator: torch
     return threshold
 
 # %% ../nbs/03_train.ipynb #cace98d6
+def preflight(cfg: 'TrainConfig'):
+    """What only a run can check, before anything starts: every local training source has shards on disk and the
+    output folder is writable. Raises a ConfigError naming the field. (A source with some shards missing is fine: those
+    are skipped and counted as `missing_shard`.)"""
+    try: sources = expand_sources(cfg.train_data)
+    except ValueError as e: raise ConfigError(f"config field 'train_data': {e}") from None
+    for source in sources:
+        local = [s for s in source.shards if '://' not in s and not s.startswith('pipe:')]
+        if len(local) == len(source.shards) and not any(os.path.exists(s) for s in local):
+            raise ConfigError(f"config field 'train_data': none of the {len(local)} shards exists ({local[0]}"
+                              + (', ...)' if len(local) > 1 else ')'))
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out/f'.write_test.{os.getpid()}'
+        probe.write_bytes(b''); probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"config field 'output_dir': cannot write to {str(out)!r} ({e.strerror or e})") from None
+
 def _find_resume(resume: str | None, folder: Path) -> Path | None:
     if resume is None: return None
     if resume == 'latest': return (list_checkpoints(folder) or [None])[-1]
@@ -551,6 +578,7 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
     cfg = config if isinstance(config, TrainConfig) else load_config(config)
     evaluate = eval_fn if eval_fn is not None else resolve_callable(cfg.eval_fn) if cfg.eval_fn else None
     if cfg.eval_every and evaluate is None: raise ConfigError("config field 'eval_fn' is needed when eval_every > 0")
+    preflight(cfg)
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(cfg.device)
     out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir)/'checkpoints'
@@ -563,7 +591,10 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
 
     # -- model, optimiser, grad scaler: the same initial weights in every process
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=env.device)
+    try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=env.device)
+    except (RuntimeError, AssertionError, KeyError) as e:   # open_clip's loader on weights of another shape
+        if not cfg.pretrained: raise
+        raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} ({e})") from None
     masker, unmasked = model.masker, PatchMasker('none', patch_size=model.masker.patch_size)
     if cfg.grad_checkpointing: model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -591,6 +622,9 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
     step, skipped_steps, data_phase = 0, 0, 'main'
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)
+        if ckpt.get('model_name') != cfg.model:
+            raise ConfigError(f"config field 'resume': {resume_from} holds a {ckpt.get('model_name')!r} model, this run "
+                              f'trains {cfg.model!r}')
         model.load_state_dict(ckpt['state_dict'])
         optimizer.load_state_dict(ckpt['optimizer'])
         if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -675,10 +709,18 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
             if env.world_size > 1: dist.barrier()
 
     bar.close()
+    counts = Counter()                                     # every phase's loader, every process
+    for process in _gather_objects([{**l.skipped, 'repeated': l.repeated} for l in loaders.values()]):
+        for phase_counts in process: counts.update(phase_counts)
+    data = data_counts(counts)
     summary = {'event': 'summary', 'step': step, 'output_dir': str(out_dir), 'checkpoint': str(last_ckpt),
                'metrics': str(log.path), 'mask_threshold': masker.threshold_value, 'skipped_steps': skipped_steps,
-               **{f'eval_{k}': v for k, v in last_eval.items()}}
+               **data, **{f'eval_{k}': v for k, v in last_eval.items()}}
     log.log(summary); log.close()
+    if env.is_main and (data['data_skipped'] or data['data_converted'] or skipped_steps):
+        reasons = ', '.join(f'{k[5:]} {n}' for k, n in data.items() if k not in ('data_skipped', 'data_converted'))  # and repeated
+        print(f"data: {data['data_skipped']} samples skipped, {data['data_converted']} converted ({reasons}); "
+              f'{skipped_steps} optimiser steps skipped as non-finite', file=sys.stderr)
     if owns_group and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
     return summary
 
@@ -713,7 +755,8 @@ def train_cli(
     if dry_run:
         print(yaml.safe_dump(asdict(cfg), sort_keys=False))
         return cfg
-    summary = train(cfg)
+    try: summary = train(cfg)
+    except (ConfigError, CheckpointError) as e: raise SystemExit(f'cluster_glip train: {e}') from None
     if int(os.environ.get('RANK', 0)) == 0:
         print(f"done: {summary['step']} steps\n  metrics:    {summary['metrics']}\n  checkpoint: {summary['checkpoint']}")
     return summary

@@ -84,14 +84,17 @@ def test_sweep_end_to_end_results_table(swept):
     assert json.loads((root/'two'/'results.json').read_text()) == json.loads(json.dumps(rows))
 
 
-def test_a_failing_point_is_recorded_and_the_others_complete(swept):
+def test_a_failing_point_is_recorded_and_the_others_complete(swept, ledger):
     spec, root, rows = swept
     bad = [r for r in rows if r['point'] == 'bad']
-    assert len(bad) == 1 and bad[0]['status'] == 'failed' and bad[0]['metric'] is None
-    assert 'sizes.json' in bad[0]['error'] and Path(bad[0]['notebook']).is_file()
-    assert 'nowhere' in Path(bad[0]['notebook']).read_text()      # the saved notebook shows where it stopped
-    assert not (root/'two'/'bad'/'done').exists()
-    assert any(r['point'] == 'flip' and r['metric'] == 'synthetic_shapes/top1' for r in rows)
+    recorded = (len(bad) == 1 and bad[0]['status'] == 'failed' and bad[0]['metric'] is None
+                and "config field 'train_data': none of the 2 shards exists" in bad[0]['error']
+                and Path(bad[0]['notebook']).is_file() and 'nowhere' in Path(bad[0]['notebook']).read_text()
+                and not (root/'two'/'bad'/'done').exists())                 # the saved notebook shows where it stopped
+    others = {r['point'] for r in rows if r['metric'] == 'synthetic_shapes/top1'} == {'flip', 'cluster'}
+    ledger.record('a failing sweep point', recorded and others)
+    assert recorded, bad
+    assert others
 
 
 def test_finished_points_are_skipped(swept):
