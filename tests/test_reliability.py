@@ -2,7 +2,7 @@
 and inside checkpoint writes, shards arrive damaged in every way and one vanishes mid-run, NaNs reach the loss and the
 gradients, a rank of a 2-process run crashes, configs and checkpoints are bad or malicious. Each fault goes into the
 ledger (`conftest.py`), whose summary is printed at the end of the session."""
-import io, json, os, pickle, random, re, signal, struct, subprocess, sys, tarfile, time, zlib
+import json, os, random, re, signal, struct, subprocess, sys, tarfile, time, zlib
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from cluster_glip.cli import main
 from cluster_glip.data import encode_image, write_shard_index, write_synthetic_shards, write_tar
-from cluster_glip.train import (CheckpointError, ConfigError, contrastive_loss, list_checkpoints, load_checkpoint,
+from cluster_glip.train import (CheckpointError, contrastive_loss, list_checkpoints, load_checkpoint,
                                 load_config, read_metrics, train)
 import cluster_glip.train as train_module
 
