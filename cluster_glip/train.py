@@ -13,7 +13,7 @@ __all__ = ['Precision', 'LOADER_OPTIONS', 'PEAK_TFLOPS', 'TrainConfig', 'ConfigE
            'preflight', 'train', 'plot_loss', 'train_cli']
 
 # %% ../nbs/03_train.ipynb #3e335f01
-import dataclasses, difflib, hashlib, importlib, inspect, io, json, math, os, pickle, random, re, sys, time, types, typing
+import dataclasses, difflib, hashlib, importlib, inspect, json, math, os, pickle, random, re, sys, time, types, typing
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
@@ -718,7 +718,7 @@ def train(config: 'TrainConfig | str | Path | dict', eval_fn=None) -> dict:
                **data, **{f'eval_{k}': v for k, v in last_eval.items()}}
     log.log(summary); log.close()
     if env.is_main and (data['data_skipped'] or data['data_converted'] or skipped_steps):
-        reasons = ', '.join(f'{k[5:]} {n}' for k, n in data.items() if k not in ('data_skipped', 'data_converted'))  # and repeated
+        reasons = ', '.join(f'{k[5:]} {n}' for k, n in data.items() if k not in ('data_skipped', 'data_converted'))  # incl. repeated
         print(f"data: {data['data_skipped']} samples skipped, {data['data_converted']} converted ({reasons}); "
               f'{skipped_steps} optimiser steps skipped as non-finite', file=sys.stderr)
     if owns_group and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()

@@ -1,10 +1,11 @@
-"""The fault ledger of the reliability suite: every test that injects a fault records it with `ledger.record(...)`, and
+"""Shared fixtures: `one_thread`, and the fault ledger of the reliability suite: every test that injects a fault records it with `ledger.record(...)`, and
 the summary (faults injected, survived, data lost without being counted) is printed at the end of the session and
 written to `runs/reliability_summary.json` (or $CLUSTER_GLIP_RELIABILITY_OUT)."""
 import json, os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAULTS: list[dict] = []
@@ -18,6 +19,15 @@ class Ledger:
 
 @pytest.fixture
 def ledger() -> Ledger: return Ledger()
+
+
+@pytest.fixture
+def one_thread():
+    "In-process training on one thread: on a shared 2-core machine, 2 threads per process mostly wait for each other."
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_configure(config):

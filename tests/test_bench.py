@@ -4,7 +4,6 @@ the numbers themselves depend on the machine."""
 import json, math, statistics, subprocess
 
 import pytest
-import torch
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_ratios, paired_speedup, assumed_steps_per_s, bench_cli,
@@ -12,15 +11,6 @@ from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_rati
                                 largest_batch, open_clip_args, parse_open_clip_log, parse_setting, patch_dropout_of,
                                 run_bench, workers_needed)
 from cluster_glip.data import write_synthetic_shards
-
-
-@pytest.fixture
-def one_thread():
-    "In-process steps on one thread: on a shared 2-core machine, 2 threads per process mostly wait for each other."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- settings ---------------------------------------------------------------------------------------------------------

@@ -26,14 +26,6 @@ def shards(tmp_path_factory) -> str:
     return write_synthetic_shards(tmp_path_factory.mktemp('synthetic') / 'train', 512, shard_size=128, processes=2)['shards']
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fields(shards: str, out: Path, **extra) -> dict:
     return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 8,
             'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 1000, 'progress_bar': False,

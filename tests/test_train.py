@@ -30,15 +30,6 @@ def shards(tmp_path_factory) -> str:
     return write_synthetic_shards(tmp_path_factory.mktemp('synthetic') / 'train', 1024, shard_size=128, processes=2)['shards']
 
 
-@pytest.fixture
-def one_thread():
-    "In-process training on one thread: on a shared 2-core machine, 2 threads per process mostly wait for each other."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_fields(shards: str, out: Path, **fields) -> dict:
     "A tiny, fast run of the tiny preset: 32 px model, small batches, every step logged."
     return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 6,
