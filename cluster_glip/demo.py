@@ -14,7 +14,8 @@ from fastcore.script import call_parse
 
 from .data import resolve_bundle, write_synthetic_bundle
 from .evaluate import against_chance, evaluate_suite, load_model
-from .train import load_config, plot_loss, train
+from .config import load_config
+from .train import plot_loss, train
 
 # %% ../nbs/07a_demo.ipynb #e5f544f9
 def plot_against_chance(table: list[dict], path: str | Path | None = None, title: str = 'held-out synthetic sets'):

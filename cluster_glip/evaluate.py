@@ -11,8 +11,8 @@ __all__ = ['SUGARCREPE_SUBSETS', 'SUGARCREPE_GROUPS', 'BUILTIN_CLASSNAMES', 'BUI
            'read_wds', 'read_image_folder', 'read_karpathy', 'read_sugarcrepe', 'write_wds', 'write_image_folder',
            'write_karpathy', 'write_sugarcrepe', 'image_features', 'zeroshot_classification', 'zeroshot_retrieval',
            'cosine_lr', 'train_probe', 'search_weight_decay', 'probe_metrics', 'split_validation', 'linear_probe',
-           'sugarcrepe', 'suite_names', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite',
-           'summarize', 'chance_levels', 'against_chance', 'suite_metrics', 'load_model', 'format_rows', 'eval_cli']
+           'sugarcrepe', 'load_suite', 'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite', 'summarize',
+           'chance_levels', 'against_chance', 'suite_metrics', 'load_model', 'format_rows', 'eval_cli']
 
 # %% ../nbs/07_evaluate.ipynb #d077bbfb
 import contextlib, hashlib, importlib.resources, io, itertools, json, math, os, pickle, time, warnings
@@ -31,6 +31,8 @@ from fastcore.script import call_parse
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 from PIL import Image
 from tqdm.auto import tqdm
+
+from .config import find_config, packaged_configs
 
 # %% ../nbs/07_evaluate.ipynb #e603aef1
 def topk_accuracy(logits: torch.Tensor,          # [N, C] scores, higher is better
@@ -544,11 +546,6 @@ def sugarcrepe(model: nn.Module, subsets: dict[str, EvalSet], tokenizer: Callabl
 TASKS = ('zeroshot_classification', 'zeroshot_retrieval', 'linear_probe', 'sugarcrepe')
 ROOT_VARIABLE = 'CLUSTER_GLIP_EVAL_ROOT'
 
-def suite_names() -> list[str]:
-    "The suites that ship with cluster_glip."
-    return sorted(p.name[:-5] for p in (importlib.resources.files('cluster_glip') / 'configs' / 'eval').iterdir()
-                  if p.name.endswith('.yaml'))
-
 def _check_entry(entry: dict, where: str):
     "Raise if a suite entry names no known task or lacks a key its task needs."
     if entry.get('task') not in TASKS: raise ValueError(f"{where}: task must be one of {TASKS}, got {entry.get('task')!r}")
@@ -560,11 +557,7 @@ def _check_entry(entry: dict, where: str):
 def load_suite(suite: str | Path | dict) -> dict:
     "A suite from a dict, a YAML file, or the name of one that ships with cluster_glip; checked for required keys."
     if not isinstance(suite, dict):
-        path = Path(suite)
-        if not path.suffix:
-            path = Path(str(importlib.resources.files('cluster_glip') / 'configs' / 'eval' / f'{suite}.yaml'))
-            if not path.exists():
-                raise ValueError(f'no suite named {suite!r}; choose one of {suite_names()} or give a YAML file')
+        path = Path(suite) if Path(suite).suffix else find_config(suite, 'eval')
         suite = {'name': path.stem, **yaml.safe_load(path.read_text())}
     if not suite.get('tasks'): raise ValueError(f"suite {suite.get('name')!r} has no tasks")
     for i, entry in enumerate(suite['tasks']): _check_entry(entry, f"suite {suite.get('name')!r}, task {i}")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from fastcore.script import anno_parser
 from hypothesis import given, settings, strategies as st
 from PIL import Image
+
+from cluster_glip.config import packaged_configs
 from sklearn.metrics import balanced_accuracy_score
 
 from cluster_glip import evaluate as ev
@@ -398,8 +400,8 @@ def test_suite_with_imagefolder_probe_cache_and_builtin_names(model, tokenizer, 
 
 
 def test_shipped_suites_load_and_skip_missing_data(model, tmp_path):
-    assert {'cluster_paper', 'glip', 'synthetic'} <= set(ev.suite_names())
-    for name in ev.suite_names():
+    assert {'cluster_paper', 'glip', 'synthetic'} <= set(packaged_configs('eval'))
+    for name in packaged_configs('eval'):
         with pytest.warns(UserWarning, match='skipped') as reports:   # each missing set is reported, none is fatal
             rows = ev.evaluate_suite(model, name, root=tmp_path, progress=False)
         assert rows and all(r['status'] in ('missing', 'skipped') for r in rows)

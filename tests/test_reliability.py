@@ -12,8 +12,8 @@ from PIL import Image
 
 from cluster_glip.cli import main
 from cluster_glip.data import encode_image, write_shard_index, write_synthetic_shards, write_tar
-from cluster_glip.train import (CheckpointError, contrastive_loss, list_checkpoints, load_checkpoint,
-                                load_config, read_metrics, train)
+from cluster_glip.config import load_config
+from cluster_glip.train import CheckpointError, contrastive_loss, list_checkpoints, load_checkpoint, read_metrics, train
 import cluster_glip.train as train_module
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_glip.sweep import SweepError, dry_run, ensure_synthetic_bundle, expand, load_sweep, run_sweep, sweep_names
+from cluster_glip.sweep import SweepError, dry_run, ensure_synthetic_bundle, expand, load_sweep, run_sweep
+from cluster_glip.config import packaged_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ('strategy', 'mask_ratio', 'glip_sigma', 'anchor_ratio', 'normalization', 'fusion', 'threshold_budget',
@@ -13,8 +14,8 @@ ABLATIONS = ('strategy', 'mask_ratio', 'glip_sigma', 'anchor_ratio', 'normalizat
 
 
 def test_every_ablation_of_spec_9_ships_and_every_point_validates():
-    assert set(ABLATIONS) <= set(sweep_names())
-    for name in sweep_names():
+    assert set(ABLATIONS) <= set(packaged_configs('sweep'))
+    for name in packaged_configs('sweep'):
         spec = load_sweep(name)
         rows = dry_run(spec)
         assert len(rows) == len(expand(spec)) >= 3, name
@@ -30,7 +31,7 @@ def test_every_ablation_of_spec_9_ships_and_every_point_validates():
 
 def test_paper_numbers_name_points_of_their_sweep():
     "Every published row names a variant (or axis value) the sweep has, so the results page can set it beside ours."
-    for name in sweep_names():
+    for name in packaged_configs('sweep'):
         spec, points = load_sweep(name), expand(name)
         for row in spec['paper'].get('rows', []):
             labels = {k: v for k, v in row.items() if k in points[0].labels}

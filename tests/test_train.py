@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from cluster_glip.data import write_synthetic_shards
 from cluster_glip.masking import STRATEGIES
-from cluster_glip.train import contrastive_loss, load_config, read_metrics, train
+from cluster_glip.config import load_config
+from cluster_glip.train import contrastive_loss, read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
