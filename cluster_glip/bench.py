@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from fastcore.script import Param, call_parse
 from torch import nn
 
-from .data import SynthConfig, loader_throughput, train_loader, write_synthetic_shards
+from .shards import loader_throughput, train_loader
+from .synthetic import SynthConfig, write_synthetic_shards
 from .masking import STRATEGIES, PatchMasker
 from .model import compile_model, create_model, forward_gflops
 from .config import OPEN_CLIP_PRECISIONS, TrainConfig, open_clip_precision, read_config_file

@@ -11,7 +11,7 @@ from fastcore.script import anno_parser
 
 # %% ../nbs/10_cli.ipynb #a85df55e
 COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` function
-    'synth': ('cluster_glip.data:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
+    'synth': ('cluster_glip.synthetic:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
     'eval':  ('cluster_glip.evaluate:eval_cli', 'evaluate a checkpoint on an evaluation suite'),
     'sweep': ('cluster_glip.sweep:sweep_cli', 'run an ablation sweep through the pre-training notebook'),

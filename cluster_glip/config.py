@@ -20,7 +20,7 @@ import open_clip
 
 from .masking import PatchMasker
 import cluster_glip.model  # registers the package's tiny model configs with open_clip
-from .data import train_loader
+from .shards import train_loader
 
 # %% ../nbs/05_config.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
@@ -151,7 +151,7 @@ def resolve_callable(spec: str):
     try: return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e: raise ConfigError(f"config field 'eval_fn': cannot import {spec!r} ({e})") from e
 
-# what a config's `data` dict may pass to `cluster_glip.data.train_loader` (the trainer sets the other arguments)
+# what a config's `data` dict may pass to `cluster_glip.shards.train_loader` (the trainer sets the other arguments)
 LOADER_OPTIONS = tuple(p for p in inspect.signature(train_loader).parameters
                        if p not in ('urls', 'batch_size', 'image_size', 'num_samples', 'rank', 'world_size', 'workers', 'seed', 'epoch'))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt, seaborn as sns
 from fastcore.script import call_parse
 
-from .data import resolve_bundle, write_synthetic_bundle
+from .synthetic import resolve_bundle, write_synthetic_bundle
 from .evaluate import against_chance, evaluate_suite, load_model
 from .config import load_config
 from .train import plot_loss, train

@@ -179,7 +179,7 @@ def dry_run(spec: str | Path | dict, notebook: str | Path | None = None) -> list
 def _bundle_matches(manifest: dict, options: dict) -> bool:
     "Whether a written bundle's manifest agrees with the options `write_synthetic_bundle` would be called with."
     import inspect
-    from cluster_glip.data import write_synthetic_bundle
+    from cluster_glip.synthetic import write_synthetic_bundle
     wanted = {k: p.default for k, p in inspect.signature(write_synthetic_bundle).parameters.items() if k != 'root'} | options
     recorded = {'n_train': manifest['train']['num_samples'], 'seed': manifest['seed'], 'image_size': manifest['image_size'],
                 'n_zeroshot': manifest['zeroshot']['n'], 'n_retrieval': manifest['retrieval']['n'],
@@ -189,7 +189,7 @@ def _bundle_matches(manifest: dict, options: dict) -> bool:
 def ensure_synthetic_bundle(root: str | Path, **options) -> dict:
     "The synthetic bundle in `root` (resolved manifest), written first if missing, or if `options` differ from its manifest's."
     import fcntl
-    from cluster_glip.data import resolve_bundle, write_synthetic_bundle
+    from cluster_glip.synthetic import resolve_bundle, write_synthetic_bundle
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     with open(root/'.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                      # one writer; the others wait, then reuse

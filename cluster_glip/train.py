@@ -29,7 +29,8 @@ from .masking import Kept, PatchMasker
 from .config import (AUTOCAST_DTYPES, ConfigError, TrainConfig, load_config, make_masker, packaged_configs,
                                  resolve_callable)
 from .model import compile_model, create_model, patch_tokens
-from .data import data_counts, eval_transform, expand_sources, resolve_bundle, train_loader, write_synthetic_bundle, write_synthetic_shards
+from .shards import data_counts, eval_transform, expand_sources, train_loader
+from .synthetic import resolve_bundle, write_synthetic_bundle, write_synthetic_shards
 
 # %% ../nbs/06_train.ipynb #0d526e4d
 @dataclass

@@ -10,7 +10,7 @@ from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_rati
                                 check_targets, compare_with_open_clip, find_openclip_pythonpath, interleaved_timings,
                                 largest_batch, open_clip_args, parse_open_clip_log, parse_setting, patch_dropout_of,
                                 run_bench, workers_needed)
-from cluster_glip.data import write_synthetic_shards
+from cluster_glip.synthetic import write_synthetic_shards
 
 
 # -- settings ---------------------------------------------------------------------------------------------------------

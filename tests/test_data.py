@@ -1,7 +1,7 @@
-"""cluster_glip.data beyond the notebook's examples: multi-process epochs (2 ranks × 2 workers), fault fixtures with exact
-counts, resumption across workers, source mixing, the synthetic generator's determinism and faithfulness, and the
-evaluation sets read the way CLIP_benchmark reads them."""
-import io, json, random, socket, tarfile
+"""cluster_glip.shards and cluster_glip.synthetic beyond the notebooks' examples: multi-process epochs (2 ranks × 2
+workers), fault fixtures with exact counts, resumption across workers, source mixing, no download by the tokenizer, and
+the synthetic generator's determinism across processes and faithfulness over many samples."""
+import io, socket, tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -9,13 +9,11 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import webdataset as wds
-from fastcore.script import anno_parser
 from PIL import Image
 
-from cluster_glip.data import (PALETTE, SUGARCREPE_SUBSETS, SynthConfig, encode_image, folder_to_shards, iter_shard,
-                               sample_scene, seed_int, synth_cli, synthetic_sample, train_loader, write_shard_index,
-                               write_synthetic_bundle, write_tar)
+from cluster_glip.formats import encode_image, write_tar
+from cluster_glip.shards import train_loader, write_shard_index
+from cluster_glip.synthetic import PALETTE, SynthConfig, synthetic_sample, write_synthetic_bundle
 
 
 def caption_of(tokens) -> str:
@@ -167,18 +165,6 @@ def test_resampled_mixes_sources_by_weight_deterministically(tmp_path):
     assert 0.71 < share < 0.79, share  # 3:1 weights -> 75 % from the first source (± 3 standard deviations)
 
 
-def test_errors_say_what_to_do(tmp_path):
-    clean_shards(tmp_path, n_shards=2, per_shard=4)
-    with pytest.raises(ValueError, match='cannot feed'): train_loader(tmp_path, batch_size=2, image_size=32, workers=2, world_size=2, rank=0)
-    with pytest.raises(ValueError, match='lower batch_size'): train_loader(tmp_path, batch_size=16, image_size=32, workers=0)
-    (tmp_path / 'sizes.json').unlink(); (tmp_path / '_info.json').unlink()
-    with pytest.raises(ValueError, match='pass num_samples'): train_loader(tmp_path, batch_size=2, image_size=32, workers=0)
-    with pytest.raises(ValueError, match=r'rank must be in \[0'): train_loader(tmp_path, batch_size=2, image_size=32, rank=2, world_size=2, num_samples=8)
-    (tmp_path / 'junk').mkdir(); (tmp_path / 'junk' / '00000.tar').write_bytes(b'nothing')
-    with pytest.raises(RuntimeError, match='no usable sample'):
-        list(train_loader(tmp_path / 'junk', batch_size=1, image_size=32, workers=0, num_samples=1))
-
-
 def test_tokenizer_downloads_nothing(tmp_path, monkeypatch):
     def refuse(*args, **kwargs): raise AssertionError('the data pipeline tried to open a network connection')
     monkeypatch.setattr(socket.socket, 'connect', refuse)
@@ -226,121 +212,3 @@ def test_captions_and_pixels_agree_with_the_scene():
             x, y = int(obj['x']), int(obj['y'])
             centre = np.median(image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3), axis=0)
             assert nearest_colour(centre, cfg.colors) == obj['color'], (i, obj, centre)
-
-
-def test_digits_are_scikit_learns():
-    from sklearn.datasets import load_digits
-    from cluster_glip.data import _digits
-    images, labels = _digits()
-    assert np.array_equal(images * 16, load_digits().images) and np.array_equal(labels, load_digits().target)
-
-
-def test_objects_of_each_class_appear_as_primary():
-    primaries = Counter()
-    for i in range(1200):  # synthetic_sample's scene, without rendering it
-        obj = sample_scene(random.Random(seed_int(0, 0, i)))['objects'][0]
-        primaries[obj['color'], obj['shape']] += 1
-    assert len(primaries) == 24 and min(primaries.values()) > 20  # every zero-shot class is well represented
-
-
-# ---------------------------------------------------------------- evaluation sets, read as CLIP_benchmark reads them
-
-@pytest.fixture(scope='module')
-def bundle(tmp_path_factory):
-    return write_synthetic_bundle(tmp_path_factory.mktemp('bundle'), n_train=40, n_zeroshot=48, n_retrieval=6,
-                                  n_sugarcrepe=5, shard_size=20, processes=1)
-
-
-def test_zeroshot_set_reads_as_clip_benchmark_reads_wds(bundle):
-    root = Path(bundle['zeroshot']['root'])
-    assert sorted(p.name for p in root.iterdir()) == ['classnames.txt', 'test', 'zeroshot_classification_templates.txt']
-    assert sorted(p.name for p in (root / 'test').iterdir()) == ['0.tar', 'nshards.txt']
-    nshards = int((root / 'test' / 'nshards.txt').read_text())
-    pattern = str(root / 'test' / ('{0..%d}.tar' % (nshards - 1)))
-    dataset = (wds.WebDataset(pattern, shardshuffle=False, nodesplitter=lambda src: src)  # CLIP_benchmark's build_wds_dataset
-               .decode(wds.autodecode.ImageHandler('pil', extensions=['webp', 'png', 'jpg', 'jpeg']))
-               .to_tuple('webp;png;jpg;jpeg', 'cls'))
-    samples = list(dataset)
-    classes = [l.strip() for l in (root / 'classnames.txt').read_text().splitlines()]
-    templates = [l.strip() for l in (root / 'zeroshot_classification_templates.txt').read_text().splitlines()]
-    assert classes == bundle['classes'] and len(classes) == 24 and all('{c}' in t for t in templates)
-    assert len(samples) == 48 and [label for _, label in samples] == [i % 24 for i in range(48)]
-    assert all(isinstance(label, int) for _, label in samples) and samples[0][0].size == (64, 64)
-    with tarfile.open(root / 'test' / '0.tar') as tar:
-        names = tar.getnames()
-        assert names[:4] == ['s0000000.webp', 's0000000.cls', 's0000001.webp', 's0000001.cls']
-        assert all(tar.extractfile(n).read().decode().isdigit() for n in names if n.endswith('.cls'))
-    for image, label in samples:  # the one object shows its class's colour (the background is a neutral grey)
-        color = classes[label].split()[0]
-        pixels = np.asarray(image.convert('RGB')).reshape(-1, 3).astype(float)
-        close = np.linalg.norm(pixels - np.array(PALETTE[color], float), axis=1) < 60
-        assert close.sum() >= 20, (label, close.sum())
-
-
-def test_retrieval_set_karpathy_json_and_wds(bundle):
-    data = json.loads(Path(bundle['retrieval']['annotations']).read_text())
-    images_root = Path(bundle['retrieval']['images'])
-    assert len(data['images']) == 6
-    sentids = []
-    for i, entry in enumerate(data['images']):
-        assert entry['split'] == 'test' and entry['imgid'] == i
-        assert Image.open(images_root / entry['filepath'] / entry['filename']).size == (64, 64)
-        assert [s['sentid'] for s in entry['sentences']] == entry['sentids'] and len(entry['sentences']) == 5
-        assert all(s['raw'] and s['tokens'] for s in entry['sentences'])
-        sentids += entry['sentids']
-    assert sentids == list(range(30))
-    wds_root = Path(bundle['retrieval']['wds'])
-    assert (wds_root / 'dataset_type.txt').read_text().strip() == 'retrieval'
-    dataset = (wds.WebDataset(str(wds_root / 'test' / '{0..0}.tar'), shardshuffle=False, nodesplitter=lambda src: src)
-               .decode(wds.autodecode.ImageHandler('pil', extensions=['webp', 'png', 'jpg', 'jpeg']))
-               .to_tuple('webp;png;jpg;jpeg', 'txt').map_tuple(None, str.splitlines))
-    read = list(dataset)
-    assert [captions for _, captions in read] == [[s['raw'] for s in e['sentences']] for e in data['images']]
-
-
-def test_sugarcrepe_set_reads_as_clip_benchmark_reads_it(bundle):
-    root, images = Path(bundle['sugar_crepe']['annotations']), Path(bundle['sugar_crepe']['images'])
-    assert sorted(p.name for p in root.glob('*.json')) == sorted(f'{s}.json' for s in SUGARCREPE_SUBSETS)
-    for subset in SUGARCREPE_SUBSETS:
-        ann = json.load(open(root / f'{subset}.json'))  # clip_benchmark.datasets.sugar_crepe.SugarCrepe
-        assert list(ann) == [str(i) for i in range(5)]
-        for item in ann.values():
-            assert set(item) == {'filename', 'caption', 'negative_caption'}
-            assert Image.open(images / item['filename']).size == (64, 64)
-            assert item['caption'] != item['negative_caption']
-            pos, neg = item['caption'].split(), item['negative_caption'].split()
-            if subset.startswith('swap'): assert sorted(pos) == sorted(neg)  # same words, bound differently
-            if subset.startswith('replace'): assert len(pos) == len(neg) and sum(a != b for a, b in zip(pos, neg)) >= 1
-            if subset.startswith('add'): assert len(neg) > len(pos)
-
-
-# ---------------------------------------------------------------- tools
-
-def test_folder_to_shards_reads_jsonl(tmp_path):
-    (tmp_path / 'images').mkdir()
-    Image.new('RGB', (20, 10), (1, 2, 3)).save(tmp_path / 'images' / 'a.jpeg')
-    Image.new('RGB', (20, 10), (1, 2, 3)).save(tmp_path / 'images' / 'b.webp')
-    (tmp_path / 'captions.jsonl').write_text('{"image": "a.jpeg", "caption": "first"}\n\n{"image": "b.webp", "caption": "second"}\n')
-    out = folder_to_shards(tmp_path / 'images', tmp_path / 'captions.jsonl', tmp_path / 'shards', shard_size=1)
-    assert out['num_samples'] == 2 and out['shards'].endswith('{00000..00001}.tar')
-    assert json.loads((tmp_path / 'shards' / 'sizes.json').read_text()) == {'00000.tar': 1, '00001.tar': 1}
-    read = [s for k in range(2) for s in iter_shard(str(tmp_path / 'shards' / f'{k:05d}.tar'), Counter())]
-    assert [('jpg' in s, 'webp' in s, s['txt']) for s in read] == [(True, False, b'first'), (False, True, b'second')]
-    with pytest.raises(ValueError, match='needs columns'):
-        folder_to_shards(tmp_path / 'images', tmp_path / 'captions.jsonl', tmp_path / 'x', caption_column='text')
-
-
-def test_synth_command_line_options(tmp_path, capsys):
-    parser = anno_parser(synth_cli, prog='cluster_glip synth')
-    args = vars(parser.parse_args(['--out', str(tmp_path / 'cli'), '--n_train', '30', '--n_zeroshot', '24',
-                                   '--n_retrieval', '2', '--n_sugarcrepe', '1', '--shard_size', '15', '--no_digits',
-                                   '--processes', '1']))
-    args.pop('pdb', None); args.pop('xtra', None)
-    synth_cli(**args)
-    manifest = json.loads((tmp_path / 'cli' / 'bundle.json').read_text())
-    assert manifest['train']['num_samples'] == 30 and manifest['train']['shards'] == 'train/{00000..00001}.tar'
-    assert 'wrote the synthetic bundle' in capsys.readouterr().out
-    for k in range(2):
-        with tarfile.open(tmp_path / 'cli' / 'train' / f'{k:05d}.tar') as tar:
-            scenes = [json.loads(tar.extractfile(n).read())['scene'] for n in tar.getnames() if n.endswith('.json')]
-        assert all(o['shape'] != 'digit' for s in scenes for o in s['objects'])

@@ -513,7 +513,7 @@ def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path
 @pytest.fixture(scope='module')
 def synthetic_bundle(tmp_path_factory):
     "A small bundle from the data module: its held-out sets are what the `synthetic` suite reads."
-    from cluster_glip.data import write_synthetic_bundle
+    from cluster_glip.synthetic import write_synthetic_bundle
     root = tmp_path_factory.mktemp('bundle') / 'synthetic'
     write_synthetic_bundle(root, n_train=8, n_zeroshot=96, n_retrieval=40, n_sugarcrepe=24, shard_size=8,
                            processes=1, image_size=32)

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from cluster_glip.cli import main
-from cluster_glip.data import encode_image, write_shard_index, write_synthetic_shards, write_tar
+from cluster_glip.formats import encode_image, write_tar
+from cluster_glip.shards import write_shard_index
+from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.config import load_config
 from cluster_glip.train import CheckpointError, contrastive_loss, list_checkpoints, load_checkpoint, read_metrics, train
 import cluster_glip.train as train_module

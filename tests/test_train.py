@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from cluster_glip.data import write_synthetic_shards
+from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.masking import STRATEGIES
 from cluster_glip.config import load_config
 from cluster_glip.train import contrastive_loss, read_metrics, train

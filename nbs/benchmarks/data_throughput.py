@@ -21,7 +21,7 @@ WDS_0286 = Path('/tmp/wds0286')
 
 OURS = r'''
 import json, sys
-from cluster_glip.data import loader_throughput
+from cluster_glip.shards import loader_throughput
 shards, image_size, batch_size, n_batches, warmup = json.loads(sys.argv[1])
 print(json.dumps(loader_throughput(shards, image_size=image_size, batch_size=batch_size, n_batches=n_batches,
                                    warmup=warmup, workers=1)))
@@ -76,7 +76,7 @@ def main():
         subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--target', str(WDS_0286), '--no-deps',
                         'webdataset==0.2.86', 'braceexpand'], check=True)
     sys.path.insert(0, str(REPO))
-    from cluster_glip.data import SynthConfig, write_synthetic_shards
+    from cluster_glip.synthetic import SynthConfig, write_synthetic_shards
     info = machine()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
