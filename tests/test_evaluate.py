@@ -189,7 +189,7 @@ def test_zeroshot_classification_agrees_with_clip_benchmark(model, tokenizer, tr
             targets.append(target)
     logits, targets = torch.cat(logits), torch.cat(targets)
     acc1, acc5 = reference_accuracy(logits, targets, topk=(1, 5))
-    assert ours['top1'] == pytest.approx(acc1, abs=1e-9) and ours['top5'] == pytest.approx(acc5, abs=1e-9)
+    assert ours['top1'] == pytest.approx(acc1, abs=1e-7) and ours['top5'] == pytest.approx(acc5, abs=1e-7)  # ours: a float32 mean
     assert ours['mean_per_class_recall'] == pytest.approx(balanced_accuracy_score(targets, logits.argmax(1)), abs=1e-9)
     assert (ours['n_images'], ours['n_classes']) == (100, 20)
 
