@@ -19,6 +19,7 @@ import open_clip
 import torch
 import torchvision.transforms.functional as TF
 import webdataset as wds
+from fastcore.basics import patch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
@@ -260,80 +261,89 @@ class ShardStream(IterableDataset):
         random.Random(seed_int(self.seed, epoch, 'shards')).shuffle(order)
         return order[reader::self.readers]
 
-    def _passes(self, epoch: int, reader: int, counts: Counter):
-        "Iterators of raw samples, one per pass over the reader's data (resampled mode: one endless pass)."
-        buffer = dict(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100))
-        if self.resampled:
-            rng, weights = random.Random(seed_int(self.seed, epoch, reader, 'resample')), [s.weight for s in self.sources]
-            def draws():
-                barren = 0  # consecutive shards that gave nothing: all missing would otherwise loop forever
-                while True:
-                    source = rng.choices(self.sources, weights)[0]
-                    read = 0
-                    for sample in iter_shard(rng.choice(source.shards), counts):
-                        read += 1
-                        yield sample
-                    barren = 0 if read else barren + 1
-                    if barren >= max(100, 2 * len(self.shards)):
-                        raise RuntimeError(f"{barren} shards in a row gave no sample ({dict(counts)}): "
-                                           "check the shard URLs")
-            yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer')))(draws())
-            return
-        shards = self.reader_shards(epoch, reader)
-        for n in range(1 << 62):
-            order = shards if n == 0 else random.Random(seed_int(self.seed, epoch, reader, 'pass', n)).sample(shards, len(shards))
-            raw = (sample for url in order for sample in iter_shard(url, counts))
-            yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer', n)))(raw)
+    def __iter__(self): return self._batches()  # the stages are defined one per cell below
 
-    def _usable(self, epoch: int, reader: int, counts: Counter):
-        "`(image, caption, conversions, repeated)` per usable sample; None at the end of each pass."
-        for n, raw in enumerate(self._passes(epoch, reader, counts)):
-            usable = 0
-            for sample in raw:
-                image, caption, notes = decode_sample(sample, self.image_size)
-                if image is None:
-                    counts[notes] += 1
-                    continue
-                usable += 1
-                yield image, caption, notes, n > 0
-            if usable == 0:
-                raise RuntimeError(f"reader {reader} (rank {self.rank}) found no usable sample in its shards "
-                                   f"{self.reader_shards(epoch, reader)} ({dict(counts)}): fix the shards, use fewer "
-                                   "workers, or resampled=True")
-            yield None
+# %% ../nbs/03_shards.ipynb #83ff4a33
+@patch
+def _passes(self: ShardStream, epoch: int, reader: int, counts: Counter):
+    "Iterators of raw samples, one per pass over the reader's data (resampled mode: one endless pass)."
+    buffer = dict(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 100))
+    if self.resampled:
+        rng, weights = random.Random(seed_int(self.seed, epoch, reader, 'resample')), [s.weight for s in self.sources]
+        def draws():
+            barren = 0  # consecutive shards that gave nothing: all missing would otherwise loop forever
+            while True:
+                source = rng.choices(self.sources, weights)[0]
+                read = 0
+                for sample in iter_shard(rng.choice(source.shards), counts):
+                    read += 1
+                    yield sample
+                barren = 0 if read else barren + 1
+                if barren >= max(100, 2 * len(self.shards)):
+                    raise RuntimeError(f"{barren} shards in a row gave no sample ({dict(counts)}): "
+                                       "check the shard URLs")
+        yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer')))(draws())
+        return
+    shards = self.reader_shards(epoch, reader)
+    for n in range(1 << 62):
+        order = shards if n == 0 else random.Random(seed_int(self.seed, epoch, reader, 'pass', n)).sample(shards, len(shards))
+        raw = (sample for url in order for sample in iter_shard(url, counts))
+        yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer', n)))(raw)
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.workers:
-            raise RuntimeError(f"this stream was built for {self.workers} workers but runs in {workers}: "
-                               "make it with train_loader")
-        epoch, first_batch = (int(v) for v in self.position)
-        reader = self.rank * workers + worker
-        skip = len(range(worker, first_batch, workers))  # this worker's batches among those already consumed
-        counts = Counter()
-        crops = torch.Generator().manual_seed(seed_int(self.seed, epoch, reader, 'crop'))
-        usable = self._usable(epoch, reader, counts)
-        for b in range(self.worker_batches):
-            batch = []
-            while len(batch) < self.batch_size:
-                item = next(usable)
-                if item is None: continue  # a pass ended; the next starts
-                image, caption, notes, repeated = item
-                box = self.crop.box(*image.size, crops)  # drawn for skipped batches too: same stream on resume
-                batch.append((image, box, caption))
-                counts.update(notes)
-                counts['repeated'] += repeated
-            if b == self.worker_batches - 1 and not self.resampled:
-                next(usable)  # read on to the next usable sample or the pass's end, so trailing faults are counted
-            if b < skip:
-                counts.clear()  # consumed before a resume: its counts are already in the trainer's totals
+# %% ../nbs/03_shards.ipynb #7b22d0fd
+@patch
+def _usable(self: ShardStream, epoch: int, reader: int, counts: Counter):
+    "`(image, caption, conversions, repeated)` per usable sample; None at the end of each pass."
+    for n, raw in enumerate(self._passes(epoch, reader, counts)):
+        usable = 0
+        for sample in raw:
+            image, caption, notes = decode_sample(sample, self.image_size)
+            if image is None:
+                counts[notes] += 1
                 continue
-            pixels = torch.from_numpy(np.stack([np.asarray(self.crop.apply(im, box)) for im, box, _ in batch]))
-            texts = self.tokenizer([caption for _, _, caption in batch]).long()  # [B, 77]
-            # [B, 3, H, W] float32, [B, 77] int64, fault counts, this batch's index in the rank's epoch
-            yield normalize_pixels(pixels), texts, dict(counts), b * workers + worker
-            counts.clear()
+            usable += 1
+            yield image, caption, notes, n > 0
+        if usable == 0:
+            raise RuntimeError(f"reader {reader} (rank {self.rank}) found no usable sample in its shards "
+                               f"{self.reader_shards(epoch, reader)} ({dict(counts)}): fix the shards, use fewer "
+                               "workers, or resampled=True")
+        yield None
+
+# %% ../nbs/03_shards.ipynb #77ceb3d9
+@patch
+def _batches(self: ShardStream):
+    "This worker's batches `(images, texts, counts, batch index)` of the current epoch, from its position on."
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    if workers != self.workers:
+        raise RuntimeError(f"this stream was built for {self.workers} workers but runs in {workers}: "
+                           "make it with train_loader")
+    epoch, first_batch = (int(v) for v in self.position)
+    reader = self.rank * workers + worker
+    skip = len(range(worker, first_batch, workers))  # this worker's batches among those already consumed
+    counts = Counter()
+    crops = torch.Generator().manual_seed(seed_int(self.seed, epoch, reader, 'crop'))
+    usable = self._usable(epoch, reader, counts)
+    for b in range(self.worker_batches):
+        batch = []
+        while len(batch) < self.batch_size:
+            item = next(usable)
+            if item is None: continue  # a pass ended; the next starts
+            image, caption, notes, repeated = item
+            box = self.crop.box(*image.size, crops)  # drawn for skipped batches too: same stream on resume
+            batch.append((image, box, caption))
+            counts.update(notes)
+            counts['repeated'] += repeated
+        if b == self.worker_batches - 1 and not self.resampled:
+            next(usable)  # read on to the next usable sample or the pass's end, so trailing faults are counted
+        if b < skip:
+            counts.clear()  # consumed before a resume: its counts are already in the trainer's totals
+            continue
+        pixels = torch.from_numpy(np.stack([np.asarray(self.crop.apply(im, box)) for im, box, _ in batch]))
+        texts = self.tokenizer([caption for _, _, caption in batch]).long()  # [B, 77]
+        # [B, 3, H, W] float32, [B, 77] int64, fault counts, this batch's index in the rank's epoch
+        yield normalize_pixels(pixels), texts, dict(counts), b * workers + worker
+        counts.clear()
 
 # %% ../nbs/03_shards.ipynb #a61135e2
 class TrainLoader:
@@ -372,13 +382,16 @@ class TrainLoader:
                 yield images, texts
         if self.batch >= self.num_batches: self.epoch, self.batch = self.epoch + 1, 0
 
-    def state_dict(self) -> dict:
-        return dict(epoch=self.epoch, batch=self.batch, skipped=dict(self.skipped), repeated=self.repeated)
+# %% ../nbs/03_shards.ipynb #6d597201
+@patch
+def state_dict(self: TrainLoader) -> dict:
+    return dict(epoch=self.epoch, batch=self.batch, skipped=dict(self.skipped), repeated=self.repeated)
 
-    def load_state_dict(self, state: dict):
-        self.set_epoch(state['epoch'], state['batch'])
-        self.skipped.update(state.get('skipped', {}))
-        self.repeated = state.get('repeated', 0)
+@patch
+def load_state_dict(self: TrainLoader, state: dict):
+    self.set_epoch(state['epoch'], state['batch'])
+    self.skipped.update(state.get('skipped', {}))
+    self.repeated = state.get('repeated', 0)
 
 # %% ../nbs/03_shards.ipynb #2bbc4960
 def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | None = None, rank: int | None = None,
