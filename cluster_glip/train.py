@@ -73,7 +73,8 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return features
     return torch.cat(torch.distributed.nn.functional.all_gather(features), dim=0)
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
     "Symmetric InfoNCE of this process's pairs against the global batch (features L2-normalised, `logit_scale` exp'd)."
     all_images, all_texts = gather_features(image_features), gather_features(text_features)  # [W·b, E]
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -88,8 +89,8 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or 'bn' in name or 'ln' in name or 'bias' in name or 'logit_scale' in name
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6):
-    """AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay. On a GPU the
-    fused kernel (one launch for all parameters; 4 % off a ViT-B/16 step on an H100)."""
+    """AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay. On a GPU
+    the fused kernel (one launch for all parameters; 4 % off a ViT-B/16 step on an H100)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{'params': [p for n, p in named if no_weight_decay(n, p)], 'weight_decay': 0.0},
               {'params': [p for n, p in named if not no_weight_decay(n, p)], 'weight_decay': weight_decay}]
@@ -158,8 +159,8 @@ def _forward_backward(model: nn.Module, micro_batches: list, generators: list, p
     return loss, kepts
 
 # %% ../nbs/06_train.ipynb #df4c9803
-def _guarded_update(raw: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler, grad_clip: float | None,
-                    nan_policy: str, step: int) -> tuple[torch.Tensor, bool]:
+def _guarded_update(raw: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler,
+                    grad_clip: float | None, nan_policy: str, step: int) -> tuple[torch.Tensor, bool]:
     "The NaN guard, then clipping, the optimiser step and the logit-scale clamp: (the gradient norm, skipped?)."
     if scaler is not None: scaler.unscale_(optimizer)
     params = [p for p in raw.parameters() if p.grad is not None]
@@ -235,7 +236,8 @@ def save_checkpoint(obj: dict, path: str | Path):
 def list_checkpoints(folder: str | Path) -> list[Path]:
     "The checkpoints in `folder`, oldest first by step."
     folder = Path(folder)
-    found = [(int(m.group(1)), p) for p in folder.glob('step_*.pt') if (m := _CKPT.match(p.name))] if folder.is_dir() else []
+    if not folder.is_dir(): return []
+    found = [(int(m.group(1)), p) for p in folder.glob('step_*.pt') if (m := _CKPT.match(p.name))]
     return [p for _, p in sorted(found)]
 
 def prune_checkpoints(folder: str | Path, keep_last: int):
@@ -247,7 +249,7 @@ class CheckpointError(ValueError):
     "A checkpoint that cannot be used: unreadable, unsafe to unpickle, or of another model."
 
 def load_checkpoint(path: str | Path) -> dict:
-    "A checkpoint read safely onto the CPU: `weights_only=True`, so a file that would run code when unpickled is refused."
+    "A checkpoint read safely onto the CPU: `weights_only=True` refuses a file that would run code when unpickled."
     try: return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r'GLOBAL \S+', str(e))
@@ -299,7 +301,7 @@ def peak_tflops(device: torch.device, precision: str) -> float | None:
     return None
 
 def train_flops_per_sample(model: nn.Module, images: torch.Tensor, texts: torch.Tensor, accum_steps: int = 1) -> float:
-    "Estimated training FLOPs per sample: one measured forward (as training runs it, masked) × 3, + 1 with accumulation."
+    "Training FLOPs per sample, estimated: one measured forward (masked, as in training) × 3, + 1 with accumulation."
     from torch.utils.flop_counter import FlopCounterMode
     generator = torch.Generator(images.device).manual_seed(0)  # leaves the run's own mask stream alone
     with torch.no_grad(), FlopCounterMode(display=False) as counter: model(images, texts, generator=generator)
@@ -321,7 +323,7 @@ class Throughput:
 # %% ../nbs/06_train.ipynb #08f3181e
 @dataclass
 class RunState:
-    "What the loop advances and a checkpoint stores: optimiser steps done, steps skipped as non-finite, the data's phase."
+    "What the loop advances and a checkpoint stores: steps done, steps skipped as non-finite, the data's phase."
     step: int = 0
     skipped_steps: int = 0
     data_phase: str = 'main'
@@ -439,7 +441,8 @@ def init_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple:
     try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device)
     except (RuntimeError, AssertionError, KeyError) as e:   # open_clip's loader on weights of another shape
         if not cfg.pretrained: raise
-        raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} ({e})") from None
+        raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} "
+                          f'({e})') from None
     if cfg.grad_checkpointing: model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     return model, optimizer, make_scaler(cfg.precision, device)
@@ -508,7 +511,8 @@ def checkpoint_run(folder: Path, cfg: TrainConfig, env: DistEnv, model: nn.Modul
     return path
 
 # %% ../nbs/06_train.ipynb #1bba4442
-def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, optimizer, scaler, loaders: dict) -> RunState:
+def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, optimizer, scaler,
+               loaders: dict) -> RunState:
     "Restore a run from the checkpoint at `path` into the freshly built objects; the run state to carry on from."
     ckpt = load_checkpoint(path)
     if ckpt.get('model_name') != cfg.model:
@@ -531,7 +535,8 @@ def wrap_model(model: nn.Module, env: DistEnv, compiled: bool = False) -> nn.Mod
     "The model as `train_step` runs it: in DDP with several processes, then compiled if asked."
     ddp_model = model
     if env.world_size > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == 'cuda' else None)
+        device_ids = [env.device] if env.device.type == 'cuda' else None
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return compile_model(ddp_model) if compiled else ddp_model
 
 # %% ../nbs/06_train.ipynb #33249016
@@ -552,9 +557,10 @@ def run_summary(state: RunState, cfg: TrainConfig, masker, loaders: dict, log, c
     counts = Counter()
     for process in _gather_objects([{**l.skipped, 'repeated': l.repeated} for l in loaders.values()]):
         for phase_counts in process: counts.update(phase_counts)
-    return {'event': 'summary', 'step': state.step, 'output_dir': str(Path(cfg.output_dir)), 'checkpoint': str(checkpoint),
-            'metrics': str(log.path), 'mask_threshold': masker.threshold_value, 'skipped_steps': state.skipped_steps,
-            **data_counts(counts), **{f'eval_{k}': v for k, v in last_eval.items()}}
+    return {'event': 'summary', 'step': state.step, 'output_dir': str(Path(cfg.output_dir)),
+            'checkpoint': str(checkpoint), 'metrics': str(log.path), 'mask_threshold': masker.threshold_value,
+            'skipped_steps': state.skipped_steps, **data_counts(counts),
+            **{f'eval_{k}': v for k, v in last_eval.items()}}
 
 def _report_skips(summary: dict):
     "One line on stderr when samples were skipped or converted, or optimiser steps skipped."
@@ -596,20 +602,20 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
             loader, stream_phase, flops = loaders[phase], phase, None
             batches = _start_stream(loader, phase, state)
             model.masker = masker if phase == 'main' else unmasked
-        micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches)) for _ in range(cfg.accum_steps)]
+        micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
+                         for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
         lr = schedule.lr(state.step, cfg)
         if phase == 'main':
             masker.progress = epoch_progress(state.step, schedule.main_steps, len(loader), cfg.accum_steps)
             if state.step == 0 and resume_from is None: _calibrate_at_start(model, micro_batches[0][0], cfg.seed, log)
         if flops is None: flops = train_flops_per_sample(model, *(x[:2] for x in micro_batches[0]), cfg.accum_steps)
         for group in optimizer.param_groups: group['lr'] = lr
-
         seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
         result = train_step(step_model, micro_batches, optimizer, generator=mask_generators, scaler=scaler,
-                            precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy, step=state.step)
+                            precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy,
+                            step=state.step)
         state.step, state.skipped_steps = state.step + 1, state.skipped_steps + result['skipped']
         bar.update()
-
         if schedule.is_due(state.step, cfg.log_every):
             speed = throughput(state.step, len(micro_batches[0][0]) * cfg.accum_steps * env.world_size, flops)
             log.log(record := train_record(result, state, phase, lr, loader, model, speed, env.world_size))
@@ -632,7 +638,8 @@ def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 
     import matplotlib.pyplot as plt, seaborn as sns
     records = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(6, 3))
-    sns.lineplot(x=[r['step'] for r in records], y=[r['loss'] for r in records], hue=[r['phase'] for r in records], ax=ax)
+    sns.lineplot(x=[r['step'] for r in records], y=[r['loss'] for r in records], hue=[r['phase'] for r in records],
+                 ax=ax)
     ax.set(title=title, xlabel='optimiser step', ylabel='contrastive loss')
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=120)
@@ -641,8 +648,10 @@ def plot_loss(metrics: str | Path, path: str | Path | None = None, title: str = 
 # %% ../nbs/06_train.ipynb #1d8734ae
 @call_parse
 def train_cli(
-    config: Param('YAML config(s): paths or packaged presets (tiny, glip_cc12m, cluster_cc12m_vitb16, ...); later win', str, nargs='+') = None,
-    set: Param('override a field, repeatable: --set lr=1e-4 --set masking.ratio=0.5 (value read as YAML)', str, action='append') = None,
+    config: Param('YAML config(s): paths or packaged presets (tiny, glip_cc12m, cluster_cc12m_vitb16, ...); later win',
+                  str, nargs='+') = None,
+    set: Param('override a field, repeatable: --set lr=1e-4 --set masking.ratio=0.5 (value read as YAML)',
+               str, action='append') = None,
     dry_run: Param('print the resolved config and exit', bool) = False,
 ):
     "Pre-train a (masked) CLIP from YAML config(s) and field overrides."
@@ -656,5 +665,6 @@ def train_cli(
     try: summary = train(cfg)
     except (ConfigError, CheckpointError) as e: raise SystemExit(f'cluster_glip train: {e}') from None
     if int(os.environ.get('RANK', 0)) == 0:
-        print(f"done: {summary['step']} steps\n  metrics:    {summary['metrics']}\n  checkpoint: {summary['checkpoint']}")
+        print(f"done: {summary['step']} steps\n  metrics:    {summary['metrics']}\n"
+              f"  checkpoint: {summary['checkpoint']}")
     return summary
