@@ -320,7 +320,7 @@ class Throughput:
         tflops = flops_per_sample * samples_per_s / self.world_size / 1e12  # per device
         return {'samples_per_s': samples_per_s, 'tflops': tflops, **({'mfu': tflops / self.peak} if self.peak else {})}
 
-# %% ../nbs/06_train.ipynb #08f3181e
+# %% ../nbs/06_train.ipynb #5844d669
 @dataclass
 class RunState:
     "What the loop advances and a checkpoint stores: steps done, steps skipped as non-finite, the data's phase."
@@ -328,6 +328,7 @@ class RunState:
     skipped_steps: int = 0
     data_phase: str = 'main'
 
+# %% ../nbs/06_train.ipynb #08f3181e
 def _mean_over_processes(result: dict, world_size: int) -> tuple:
     "A step's loss, gradient norm and mask statistics averaged over the processes (one all-reduce, one host sync)."
     values = torch.stack([result['loss'].float(), result['grad_norm'].float(), *result['mask'].values()])
@@ -491,6 +492,7 @@ def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunSt
             'skipped_steps': state.skipped_steps, 'world_size': world_size, 'model_name': cfg.model,
             'config': asdict(cfg)}
 
+# %% ../nbs/06_train.ipynb #b8d7121c
 def _gather_objects(obj) -> list:
     "`obj` from every process, in rank order (just [obj] for a single process)."
     if not (dist.is_available() and dist.is_initialized()): return [obj]
