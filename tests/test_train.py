@@ -1,7 +1,7 @@
 """Training end to end: the loss equals open_clip's across processes, 2 processes train like 1, a SIGKILLed run resumes
 exactly, the loss falls for every masking strategy on the synthetic data, and a compiled model trains like the eager one.
 (A run with calibration, a tuning phase, an evaluation hook and a resume inside the tuning phase is an example in
-`nbs/06_train.ipynb`, section 10.)"""
+`nbs/06_train.ipynb`, section 7.)"""
 import json, math, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from cluster_glip.data import write_synthetic_shards
 from cluster_glip.masking import STRATEGIES
 from cluster_glip.config import load_config
-from cluster_glip.train import contrastive_loss, read_metrics, train
+from cluster_glip.step import contrastive_loss
+from cluster_glip.train import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -166,7 +167,7 @@ def test_a_compiled_model_trains_like_the_eager_one(one_thread):
     "train_step through torch.compile (inductor on CPU): the same losses as eager, masks and all."
     from cluster_glip.masking import PatchMasker
     from cluster_glip.model import create_model
-    from cluster_glip.train import make_optimizer, train_step
+    from cluster_glip.step import make_optimizer, train_step
     torch.manual_seed(0)
     images, texts = torch.randn(8, 3, 32, 32), torch.randint(1, 49408, (8, 77))
     losses = {}
