@@ -33,7 +33,7 @@ from .synthetic import SynthConfig, write_synthetic_shards
 from .masking import STRATEGIES, PatchMasker
 from .model import compile_model, create_model, forward_gflops
 from .config import OPEN_CLIP_PRECISIONS, TrainConfig, open_clip_precision, read_config_file
-from .train import calibrate_threshold, make_optimizer, make_scaler, read_metrics, train, train_step
+from .train import calibrate_run_threshold, make_optimizer, make_scaler, read_metrics, train, train_step
 from .train import peak_tflops as device_peak_tflops
 
 # %% ../nbs/09_bench.ipynb #68ff0246
@@ -213,7 +213,7 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     rows = []
     for name, run in runs.items():
         net.masker = run.masker
-        calibrate_threshold(net, run.pixels, run.generator)                  # paper budget: once, as the trainer does
+        calibrate_run_threshold(net, run.pixels, run.generator)              # paper budget: once, as the trainer does
         for _ in range(warmup):
             step(run); plan(run)
             if runnable(run, 'open_clip'): theirs(run)

@@ -99,6 +99,7 @@ _RANGES = {  # field -> (is it fine, what it must be)
     'peak_tflops': (lambda v: v > 0, '> 0'), 'threads': (lambda v: v >= 1, '>= 1'),
 }
 
+# %% ../nbs/05_config.ipynb #8018a1f3
 def _type_name(tp) -> str:
     if get_origin(tp) in (Union, types.UnionType): return ' or '.join(map(_type_name, get_args(tp)))
     if get_origin(tp) is Literal: return 'one of ' + ', '.join(map(repr, get_args(tp)))
@@ -144,6 +145,7 @@ def make_masker(cfg: 'TrainConfig') -> 'PatchMasker':
     except ConfigError: raise
     except (ValueError, TypeError) as e: raise ConfigError(f"config field 'masking': {e}") from e
 
+# %% ../nbs/05_config.ipynb #46870bec
 def resolve_callable(spec: str):
     "The function `'package.module:function'` names."
     module, _, name = spec.partition(':')
@@ -151,6 +153,7 @@ def resolve_callable(spec: str):
     try: return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e: raise ConfigError(f"config field 'eval_fn': cannot import {spec!r} ({e})") from e
 
+# %% ../nbs/05_config.ipynb #36a34cdd
 # what a config's `data` dict may pass to `cluster_glip.shards.train_loader` (the trainer sets the other arguments)
 LOADER_OPTIONS = tuple(p for p in inspect.signature(train_loader).parameters
                        if p not in ('urls', 'batch_size', 'image_size', 'num_samples', 'rank', 'world_size', 'workers', 'seed', 'epoch'))
@@ -184,6 +187,7 @@ def parse_yaml(text: str):
     "YAML text as Python values (`1e-4` is a float)."
     return yaml.load(text, Loader=_YamlLoader)
 
+# %% ../nbs/05_config.ipynb #2b7b4133
 def merge_config_dicts(base: dict, over: dict) -> dict:
     "`over` on top of `base`: dicts merge key by key; a masking dict with a new strategy keeps only the old ratio."
     out = dict(base)
@@ -195,6 +199,7 @@ def merge_config_dicts(base: dict, over: dict) -> dict:
         out[key] = merge_config_dicts(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
     return out
 
+# %% ../nbs/05_config.ipynb #bb349cdb
 def read_config_file(name: str | Path, relative_to: Path | None = None, _chain: tuple = ()) -> dict:
     "The fields a YAML preset sets, its `base:` chain resolved."
     path = find_config(name, 'train', relative_to).resolve()
@@ -212,6 +217,7 @@ def parse_override(text: str) -> dict:
     for part in reversed(name.strip().split('.')): out = {part: out}
     return out
 
+# %% ../nbs/05_config.ipynb #84e78cef
 def load_config(*files: str | Path | dict, overrides: list[str] = (), **fields) -> TrainConfig:
     "A validated TrainConfig from YAML files or dicts (later ones win), then `field=value` overrides, then `fields`."
     merged = {}

@@ -4,7 +4,7 @@ import statistics, sys, time, traceback
 import torch, torch._dynamo
 from cluster_glip.masking import PatchMasker
 from cluster_glip.model import create_model
-from cluster_glip.train import make_optimizer, train_step
+from cluster_glip.step import make_optimizer, train_step
 
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 B, dev, prec = 256, torch.device('cuda'), 'amp_bf16'

@@ -15,8 +15,9 @@ from cluster_glip.formats import encode_image, write_tar
 from cluster_glip.shards import write_shard_index
 from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.config import load_config
-from cluster_glip.train import CheckpointError, contrastive_loss, list_checkpoints, load_checkpoint, read_metrics, train
-import cluster_glip.train as train_module
+from cluster_glip.step import contrastive_loss
+from cluster_glip.train import CheckpointError, list_checkpoints, load_checkpoint, read_metrics, train
+import cluster_glip.step as step_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
@@ -214,11 +215,11 @@ def poisoned_loss(at_call: int, where: str):
 
 @pytest.mark.parametrize('where', ['loss', 'gradients'])
 def test_a_nan_stops_the_run_naming_the_step_or_is_skipped(shards, tmp_path, monkeypatch, ledger, one_thread, where):
-    monkeypatch.setattr(train_module, 'contrastive_loss', poisoned_loss(4, where))
+    monkeypatch.setattr(step_module, 'contrastive_loss', poisoned_loss(4, where))
     with pytest.raises(FloatingPointError, match=r'non-finite loss or gradients at step 3\b') as stopped:
         train(load_config('tiny', **fields(shards, tmp_path / 'stop', checkpoint_every=2)))
     assert [load_checkpoint(p)['step'] for p in list_checkpoints(tmp_path / 'stop' / 'checkpoints')] == [2]   # nothing after
-    monkeypatch.setattr(train_module, 'contrastive_loss', poisoned_loss(4, where))
+    monkeypatch.setattr(step_module, 'contrastive_loss', poisoned_loss(4, where))
     summary = train(load_config('tiny', **fields(shards, tmp_path / 'skip', nan_policy='skip')))
     weights = final_weights(tmp_path / 'skip')
     skipped = summary['skipped_steps'] == 1 and all(v.isfinite().all() for v in weights.values() if v.is_floating_point())

@@ -1,5 +1,7 @@
 """Training end to end: the loss equals open_clip's across processes, 2 processes train like 1, a SIGKILLed run resumes
-exactly, and the loss falls for every masking strategy on the synthetic data."""
+exactly, the loss falls for every masking strategy on the synthetic data, and a compiled model trains like the eager one.
+(A run with calibration, a tuning phase, an evaluation hook and a resume inside the tuning phase is an example in
+`nbs/06_train.ipynb`, section 7.)"""
 import json, math, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import torch.nn.functional as F
 from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.masking import STRATEGIES
 from cluster_glip.config import load_config
-from cluster_glip.train import contrastive_loss, read_metrics, train
+from cluster_glip.step import contrastive_loss
+from cluster_glip.train import read_metrics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -158,48 +161,13 @@ def test_loss_falls_on_synthetic_data_for_every_masking_strategy(shards, tmp_pat
     if case == 'cluster-paper': assert summary['mask_threshold'] is not None
 
 
-# -- phases, calibration, evaluation hook -----------------------------------------------------------------------------
-
-def test_calibration_tuning_phase_and_eval_hook_and_their_exact_resume(shards, tmp_path, one_thread):
-    """A run with a calibrated cluster threshold (paper budget), an unmasked tuning phase with its own batch size and lr,
-    and an evaluation hook: each shows in the metrics and the checkpoints, and resuming inside the tuning phase from a
-    checkpoint gives the same losses."""
-    calls = []
-    def hook(model, tag):
-        calls.append((tag, model.training))
-        return {'score': float(len(calls))}
-    masking = {'strategy': 'cluster', 'ratio': 0.5, 'threshold': 'calibrated', 'budget': 'paper', 'min_drop': 0.3}
-    fields = tiny_fields(shards, tmp_path / 'whole', masking=masking, steps=4, tune_steps=3, tune_batch_size=8,
-                         tune_lr=1e-4, checkpoint_every=5, eval_every=3, eval_args={'tag': 'x'}, peak_tflops=1.0)
-    summary = train(load_config('tiny', **fields), eval_fn=hook)
-    records = read_metrics(summary['metrics'])
-    assert [r['phase'] for r in records] == ['main'] * 4 + ['tune'] * 3
-    assert all(r['mask_drop_fraction'] >= 0.3 for r in records[:4]) and all(r['mask_drop_fraction'] == 0 for r in records[4:])
-    assert [r['lr'] for r in records[4:]] == [1e-4 * (1 + math.cos(math.pi * k / 3)) / 2 for k in range(3)]
-    assert all('mfu' in r and r['tflops'] > 0 for r in records)
-    calibration, = read_metrics(summary['metrics'], 'calibration')
-    assert calibration['mask_threshold'] == summary['mask_threshold'] is not None
-    assert calls == [('x', False)] * 3 and [r['step'] for r in read_metrics(summary['metrics'], 'eval')] == [3, 6, 7]
-    ckpts = sorted((tmp_path / 'whole' / 'checkpoints').glob('step_*.pt'))
-    assert [p.name for p in ckpts] == ['step_00000005.pt', 'step_00000007.pt']  # keep_last=2 of 4 (main end), 5, 7
-    at5 = torch.load(ckpts[0], weights_only=True)
-    assert at5['mask_threshold'] == calibration['mask_threshold'] and at5['data_phase'] == 'tune'
-
-    died = tmp_path / 'died' / 'checkpoints'
-    died.mkdir(parents=True)
-    (died / 'step_00000005.pt').write_bytes(ckpts[0].read_bytes())
-    resumed = train(load_config('tiny', **{**fields, 'output_dir': str(tmp_path / 'died'), 'resume': 'latest'}), eval_fn=hook)
-    assert [r['loss'] for r in read_metrics(resumed['metrics'])] == [r['loss'] for r in records[5:]]
-    assert not read_metrics(resumed['metrics'], 'calibration') and resumed['mask_threshold'] == summary['mask_threshold']
-
-
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 
 def test_a_compiled_model_trains_like_the_eager_one(one_thread):
     "train_step through torch.compile (inductor on CPU): the same losses as eager, masks and all."
     from cluster_glip.masking import PatchMasker
     from cluster_glip.model import create_model
-    from cluster_glip.train import make_optimizer, train_step
+    from cluster_glip.step import make_optimizer, train_step
     torch.manual_seed(0)
     images, texts = torch.randn(8, 3, 32, 32), torch.randint(1, 49408, (8, 77))
     losses = {}
