@@ -21,6 +21,7 @@ from cluster_glip.config import packaged_configs
 from sklearn.metrics import balanced_accuracy_score
 
 from cluster_glip import evaluate as ev
+from cluster_glip.probe import WEIGHT_DECAYS, search_weight_decay, train_probe
 
 
 # ---------------------------------------------------------------------------------------------------------- fixtures
@@ -228,7 +229,7 @@ def test_linear_probe_training_agrees_with_clip_benchmark():
     generator = torch.Generator().manual_seed(3)
     features = F.normalize(torch.randn(150, 12, generator=generator), dim=-1)
     labels = torch.randint(0, 5, (150,), generator=generator)
-    ours = ev.train_probe(features, labels, 5, weight_decay=1e-3, lr=0.1, epochs=4, batch_size=64, seed=7)
+    ours = train_probe(features, labels, 5, weight_decay=1e-3, lr=0.1, epochs=4, batch_size=64, seed=7)
     # the same random draws as train_probe makes: the initial weights, then one permutation per epoch
     draws = torch.Generator().manual_seed(7)
     bound = 1 / math.sqrt(12)
@@ -242,7 +243,7 @@ def test_linear_probe_training_agrees_with_clip_benchmark():
 
 def test_probe_initialisation_is_nn_linear_default():
     "Our generator-driven initialisation has nn.Linear's default distribution: uniform on ±1/sqrt(fan_in)."
-    probe = ev.train_probe(torch.zeros(1, 400), torch.zeros(1, dtype=torch.long), 300, epochs=0)
+    probe = train_probe(torch.zeros(1, 400), torch.zeros(1, dtype=torch.long), 300, epochs=0)
     default = torch.nn.Linear(400, 300)
     for ours, theirs in ((probe.weight, default.weight), (probe.bias, default.bias)):
         assert ours.abs().max() <= 1 / 20 and theirs.abs().max() <= 1 / 20
@@ -252,12 +253,12 @@ def test_probe_initialisation_is_nn_linear_default():
 @pytest.mark.parametrize('curve', ['peaked', 'plateau', 'zero', 'noisy'])
 def test_weight_decay_search_agrees_with_clip_benchmark(curve):
     rng = np.random.default_rng(0)
-    noise = {round(math.log10(w), 6): rng.random() for w in ev.WEIGHT_DECAYS}
+    noise = {round(math.log10(w), 6): rng.random() for w in WEIGHT_DECAYS}
     accuracy_of = {'peaked': lambda w: 1 - abs(math.log10(w) + 1.3) / 10,
                    'plateau': lambda w: 0.5 if w < 1e-2 else 0.4,     # ties: the first strictly better one wins
                    'zero': lambda w: 0.0,                              # CLIP_benchmark then falls back to index 0
                    'noisy': lambda w: noise[round(math.log10(w), 6)]}[curve]
-    assert ev.search_weight_decay(accuracy_of) == reference_find_peak_search(accuracy_of)
+    assert search_weight_decay(accuracy_of) == reference_find_peak_search(accuracy_of)
 
 
 def test_sugarcrepe_agrees_with_sugarcrepe_main_eval(model, tokenizer, transform, tmp_path):
@@ -393,7 +394,7 @@ def test_suite_with_imagefolder_probe_cache_and_builtin_names(model, tokenizer, 
     cache = tmp_path / 'features'
     first = ev.evaluate_suite(model, suite, feature_cache=cache, progress=False)
     assert [r['status'] for r in first] == ['ok', 'ok'] and first[0]['n_classes'] == 3
-    assert first[1]['n_test'] == 9 and first[1]['weight_decay'] in ev.WEIGHT_DECAYS
+    assert first[1]['n_test'] == 9 and first[1]['weight_decay'] in WEIGHT_DECAYS
     assert len(list(cache.glob('*-tree-*.pt'))) == 2                # train and test features cached
     again = ev.evaluate_suite(model, suite, feature_cache=cache, progress=False)
     assert {k: v for k, v in again[1].items() if k != 'seconds'} == {k: v for k, v in first[1].items() if k != 'seconds'}
@@ -450,8 +451,12 @@ def test_eval_cli_on_a_stock_open_clip_checkpoint(tmp_path, classification_root,
     assert rows[0]['top1'] == expected['top1'] and rows[0]['mean_per_class_recall'] == expected['mean_per_class_recall']
     printed = capsys.readouterr().out
     assert 'zeroshot_classification' in printed and 'zero-shot mean top-1 over 1 sets' in printed
-    with pytest.raises(SystemExit, match='--masked needs --mask_strategy'):
+    with pytest.raises(SystemExit, match='--masked needs --set masking.strategy'):
         run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--masked'])
+    with pytest.raises(SystemExit, match="cluster_glip eval: --set lr=0.1: only masking.. can be set here.*not field 'lr'"):
+        run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--set', 'lr=0.1'])
+    with pytest.raises(SystemExit, match="cluster_glip eval: config field 'masking'"):
+        run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--set', 'masking.strategy=nope'])
 
 
 def test_masked_inference_is_refused_for_stock_models(model, classification_root, transform, tokenizer):
@@ -469,11 +474,11 @@ def test_eval_cli_masked_on_a_cluster_glip_checkpoint(tmp_path, classification_r
     (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
         {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name}]}))
     run_cli(['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
-             '--masked', '--mask_strategy', 'gaussian', '--mask_ratio', '0.5', '--out', str(tmp_path / 'rows.jsonl'),
+             '--masked', '--set', 'masking.strategy=gaussian', '--set', 'masking.ratio=0.5', '--out', str(tmp_path / 'rows.jsonl'),
              '--device', 'cpu', '--workers', '0', '--seed', '5'])
     row, = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
     assert (row['status'], row['masked'], row['mask_strategy'], row['mask_ratio']) == ('ok', True, 'gaussian', 0.5)
-    loaded = ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu', mask_strategy='gaussian', mask_ratio=0.5)
+    loaded = ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu', masking={'strategy': 'gaussian', 'ratio': 0.5})
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
     assert loaded.masker.masked_inference is False                      # switched on only inside a masked task
     evalset = ev.read_wds(classification_root, 'test', ev.model_transform(loaded))
@@ -500,7 +505,7 @@ def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path
         {'task': 'zeroshot_classification', 'dataset': 'nouns_full', 'path': classification_root.name}]}))
     argv = ['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
             '--device', 'cpu', '--workers', '0']
-    run_cli(argv + ['--mask_strategy', 'random', '--mask_ratio', '0.75', '--out', str(tmp_path / 'both.jsonl')])
+    run_cli(argv + ['--set', 'masking.strategy=random', '--set', 'masking.ratio=0.75', '--out', str(tmp_path / 'both.jsonl')])
     rows = [json.loads(line) for line in (tmp_path / 'both.jsonl').read_text().splitlines()]
     assert [(r['dataset'], r['masked'], r['status']) for r in rows] == \
         [('nouns', False, 'ok'), ('nouns', True, 'ok'), ('nouns_full', False, 'ok')]
