@@ -1,8 +1,10 @@
 """Packaging for cluster_glip. Every setting lives in `settings.ini`; edit it there, not here."""
-import shlex
+import shlex, shutil
 from configparser import ConfigParser
+from pathlib import Path
 
 import setuptools
+from setuptools.command.build_py import build_py
 
 config = ConfigParser(delimiters=['='])
 config.read('settings.ini', encoding='utf-8')
@@ -23,6 +25,21 @@ dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 
+# The pre-training notebook the sweep runner executes has one source, nbs/experiments/pretrain.ipynb (it is also a docs
+# page); a built package (wheel) carries a copy as cluster_glip/experiments/pretrain.ipynb, so `cluster_glip sweep`
+# works from a normal install. An editable install runs the checkout's notebook and needs no copy.
+EXPERIMENT_NOTEBOOKS = {'nbs/experiments/pretrain.ipynb': 'experiments/pretrain.ipynb'}
+
+class BuildPyWithNotebooks(build_py):
+    "build_py, then the experiment notebooks copied into the built package."
+    def run(self):
+        super().run()
+        if getattr(self, 'editable_mode', False): return
+        for source, target in EXPERIMENT_NOTEBOOKS.items():
+            path = Path(self.build_lib)/cfg['lib_path']/target
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, path)
+
 setuptools.setup(
     name=cfg['lib_name'],
     license=lic[0],
@@ -41,6 +58,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     zip_safe=False,
+    cmdclass={'build_py': BuildPyWithNotebooks},
     entry_points={'console_scripts': cfg.get('console_scripts', '').split(),
                   'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d']},
     **setup_cfg)

@@ -21,6 +21,8 @@ from cluster_glip.config import packaged_configs
 from sklearn.metrics import balanced_accuracy_score
 
 from cluster_glip import evaluate as ev
+from cluster_glip import formats as fmt
+from cluster_glip.probe import WEIGHT_DECAYS, search_weight_decay, train_probe
 
 
 # ---------------------------------------------------------------------------------------------------------- fixtures
@@ -59,7 +61,7 @@ def classification_root(tmp_path_factory):
     colours = rng.integers(0, 256, (len(NOUNS), 3))
     labels = [c for c in range(len(NOUNS)) for _ in range(5)]
     root = tmp_path_factory.mktemp('wds') / 'wds_nouns'
-    ev.write_wds(root, [flat_image(colours[c], rng) for c in labels], labels, classnames=NOUNS, shard_size=60,
+    fmt.write_wds(root, [flat_image(colours[c], rng) for c in labels], labels, classnames=NOUNS, shard_size=60,
                  templates=['a photo of a {c}.', 'a drawing of the {c}.', 'itap of a {c}.'], ext='jpg')
     return root
 
@@ -70,7 +72,7 @@ def retrieval_set(tmp_path_factory):
     rng = np.random.default_rng(1)
     root = tmp_path_factory.mktemp('karpathy')
     captions = [[f'a {NOUNS[(i + j) % 20]} next to a {NOUNS[(3 * i + j) % 20]}.' for j in range(1 + i % 3)] for i in range(40)]
-    ev.write_karpathy(root / 'dataset_x.json', root / 'images', [flat_image(rng.integers(0, 256, 3), rng) for _ in captions],
+    fmt.write_karpathy(root / 'dataset_x.json', root / 'images', [flat_image(rng.integers(0, 256, 3), rng) for _ in captions],
                       captions)
     return root
 
@@ -177,7 +179,7 @@ def reference_sugarcrepe(model, tokenizer, transform, image_root, subset):
 
 # ------------------------------------------------------------------------------------------- agreement on a fixture
 def test_zeroshot_classification_agrees_with_clip_benchmark(model, tokenizer, transform, classification_root):
-    evalset = ev.read_wds(classification_root, 'test', transform)
+    evalset = fmt.read_wds(classification_root, 'test', transform)
     ours = ev.zeroshot_classification(model, evalset, tokenizer, batch_size=32)
     classifier = reference_zero_shot_classifier(model, tokenizer, evalset.classnames, evalset.templates)  # [E, C]
     torch.testing.assert_close(ev.class_embeddings(model, tokenizer, evalset.classnames, evalset.templates, batch_size=8),
@@ -208,7 +210,7 @@ def test_retrieval_metrics_agree_with_clip_benchmark():
 
 
 def test_zeroshot_retrieval_pipeline_agrees_with_clip_benchmark(model, tokenizer, transform, retrieval_set):
-    evalset = ev.read_karpathy(retrieval_set / 'dataset_x.json', retrieval_set / 'images', 'test', transform)
+    evalset = fmt.read_karpathy(retrieval_set / 'dataset_x.json', retrieval_set / 'images', 'test', transform)
     ours = ev.zeroshot_retrieval(model, evalset, tokenizer, batch_size=16)
     images_emb, texts_emb, index = [], [], []
     with torch.no_grad():                                      # CLIP_benchmark's loop: captions flattened per batch
@@ -228,7 +230,7 @@ def test_linear_probe_training_agrees_with_clip_benchmark():
     generator = torch.Generator().manual_seed(3)
     features = F.normalize(torch.randn(150, 12, generator=generator), dim=-1)
     labels = torch.randint(0, 5, (150,), generator=generator)
-    ours = ev.train_probe(features, labels, 5, weight_decay=1e-3, lr=0.1, epochs=4, batch_size=64, seed=7)
+    ours = train_probe(features, labels, 5, weight_decay=1e-3, lr=0.1, epochs=4, batch_size=64, seed=7)
     # the same random draws as train_probe makes: the initial weights, then one permutation per epoch
     draws = torch.Generator().manual_seed(7)
     bound = 1 / math.sqrt(12)
@@ -242,7 +244,7 @@ def test_linear_probe_training_agrees_with_clip_benchmark():
 
 def test_probe_initialisation_is_nn_linear_default():
     "Our generator-driven initialisation has nn.Linear's default distribution: uniform on ±1/sqrt(fan_in)."
-    probe = ev.train_probe(torch.zeros(1, 400), torch.zeros(1, dtype=torch.long), 300, epochs=0)
+    probe = train_probe(torch.zeros(1, 400), torch.zeros(1, dtype=torch.long), 300, epochs=0)
     default = torch.nn.Linear(400, 300)
     for ours, theirs in ((probe.weight, default.weight), (probe.bias, default.bias)):
         assert ours.abs().max() <= 1 / 20 and theirs.abs().max() <= 1 / 20
@@ -252,12 +254,12 @@ def test_probe_initialisation_is_nn_linear_default():
 @pytest.mark.parametrize('curve', ['peaked', 'plateau', 'zero', 'noisy'])
 def test_weight_decay_search_agrees_with_clip_benchmark(curve):
     rng = np.random.default_rng(0)
-    noise = {round(math.log10(w), 6): rng.random() for w in ev.WEIGHT_DECAYS}
+    noise = {round(math.log10(w), 6): rng.random() for w in WEIGHT_DECAYS}
     accuracy_of = {'peaked': lambda w: 1 - abs(math.log10(w) + 1.3) / 10,
                    'plateau': lambda w: 0.5 if w < 1e-2 else 0.4,     # ties: the first strictly better one wins
                    'zero': lambda w: 0.0,                              # CLIP_benchmark then falls back to index 0
                    'noisy': lambda w: noise[round(math.log10(w), 6)]}[curve]
-    assert ev.search_weight_decay(accuracy_of) == reference_find_peak_search(accuracy_of)
+    assert search_weight_decay(accuracy_of) == reference_find_peak_search(accuracy_of)
 
 
 def test_sugarcrepe_agrees_with_sugarcrepe_main_eval(model, tokenizer, transform, tmp_path):
@@ -265,9 +267,9 @@ def test_sugarcrepe_agrees_with_sugarcrepe_main_eval(model, tokenizer, transform
     images = [flat_image(rng.integers(0, 256, 3), rng) for _ in range(12)]
     items = {name: [(i, f'a {NOUNS[i]} on a {NOUNS[(i + 1) % 20]}', f'a {NOUNS[(i + 1) % 20]} on a {NOUNS[i]}')
                     for i in range(12)] for name in ('swap_obj', 'replace_rel')}
-    ev.write_sugarcrepe(tmp_path / 'sc', tmp_path / 'val2017', images, items)
+    fmt.write_sugarcrepe(tmp_path / 'sc', tmp_path / 'val2017', images, items)
     with pytest.warns(UserWarning, match='subsets missing'):
-        subsets = ev.read_sugarcrepe(tmp_path / 'sc', tmp_path / 'val2017', transform)
+        subsets = fmt.read_sugarcrepe(tmp_path / 'sc', tmp_path / 'val2017', transform)
     ours = ev.sugarcrepe(model, subsets, tokenizer, batch_size=5)
     for name in items:
         subset = json.loads((tmp_path / 'sc' / f'{name}.json').read_text())
@@ -320,7 +322,7 @@ def test_random_model_scores_at_chance_on_zero_shot_classification(model, tokeni
     number of classes it gets right is about Poisson(1), and 6 or more (top-1 >= 0.3) has probability below 1e-3."""
     for seed in (0, 1):
         net = tiny_clip(seed)
-        metrics = ev.zeroshot_classification(net, ev.read_wds(classification_root, 'test', transform), tokenizer,
+        metrics = ev.zeroshot_classification(net, fmt.read_wds(classification_root, 'test', transform), tokenizer,
                                              batch_size=50)
         assert metrics['top1'] < 0.3 and metrics['mean_per_class_recall'] < 0.3, metrics
 
@@ -328,7 +330,7 @@ def test_random_model_scores_at_chance_on_zero_shot_classification(model, tokeni
 def test_random_model_scores_at_chance_on_retrieval(model, tokenizer, transform, retrieval_set):
     """40 images, 79 captions: R@5 chance is 5/40 = 0.125 for caption queries and about 0.19 for image queries (1 to 3
     own captions among 79); 0.45 is more than four binomial standard deviations above either."""
-    evalset = ev.read_karpathy(retrieval_set / 'dataset_x.json', retrieval_set / 'images', 'test', transform)
+    evalset = fmt.read_karpathy(retrieval_set / 'dataset_x.json', retrieval_set / 'images', 'test', transform)
     metrics = ev.zeroshot_retrieval(model, evalset, tokenizer)
     assert metrics['text_to_image_R@5'] < 0.45 and metrics['image_to_text_R@5'] < 0.45, metrics
 
@@ -340,9 +342,9 @@ def test_random_model_scores_at_chance_on_a_balanced_composition_set(model, toke
     images = [flat_image(c, rng) for c in colours]
     pairs = [(a, b) for a in range(10) for b in range(10) if a != b]
     items = {name: [(a, f'a {NOUNS[a]} by the sea', f'a {NOUNS[b]} by the sea') for a, b in pairs]
-             for name in ev.SUGARCREPE_SUBSETS}
-    ev.write_sugarcrepe(tmp_path / 'sc', tmp_path / 'images', images, items)
-    metrics = ev.sugarcrepe(model, ev.read_sugarcrepe(tmp_path / 'sc', tmp_path / 'images', transform), tokenizer,
+             for name in fmt.SUGARCREPE_SUBSETS}
+    fmt.write_sugarcrepe(tmp_path / 'sc', tmp_path / 'images', images, items)
+    metrics = ev.sugarcrepe(model, fmt.read_sugarcrepe(tmp_path / 'sc', tmp_path / 'images', transform), tokenizer,
                             batch_size=90)
     assert all(0.35 < metrics[f'acc_{g}'] < 0.65 for g in ('obj', 'att', 'rel')), metrics
 
@@ -352,10 +354,10 @@ def test_wds_retrieval_layout_and_workers(model, tokenizer, transform, tmp_path)
     "CLIP_benchmark's retrieval webdataset (`.txt`, one caption per line) read with 0 and 2 workers gives one answer."
     rng = np.random.default_rng(6)
     captions = [[f'the {NOUNS[i]}', f'one {NOUNS[i]} here'] for i in range(20)]
-    ev.write_wds(tmp_path / 'wds_caps', [flat_image(rng.integers(0, 256, 3), rng) for _ in captions], captions,
+    fmt.write_wds(tmp_path / 'wds_caps', [flat_image(rng.integers(0, 256, 3), rng) for _ in captions], captions,
                  shard_size=6)
     assert (tmp_path / 'wds_caps' / 'dataset_type.txt').read_text().strip() == 'retrieval'
-    evalset = ev.read_wds(tmp_path / 'wds_caps', 'test', transform, kind='retrieval')
+    evalset = fmt.read_wds(tmp_path / 'wds_caps', 'test', transform, kind='retrieval')
     assert next(iter(evalset.data))[1] == captions[0]
     serial = ev.zeroshot_retrieval(model, evalset, tokenizer, batch_size=4)
     parallel = ev.zeroshot_retrieval(model, evalset, tokenizer, batch_size=4, num_workers=2)
@@ -366,14 +368,14 @@ def test_image_folder_reader_with_and_without_classnames(tmp_path, transform):
     rng = np.random.default_rng(7)
     folders = ['n001_tench', 'n002_goldfish', 'n003_shark']
     images = [flat_image(rng.integers(0, 256, 3), rng) for _ in range(6)]
-    ev.write_image_folder(tmp_path / 'tree', images, [0, 0, 1, 1, 2, 2], folders, ext='png')
-    plain = ev.read_image_folder(tmp_path / 'tree', transform)
+    fmt.write_image_folder(tmp_path / 'tree', images, [0, 0, 1, 1, 2, 2], folders, ext='png')
+    plain = fmt.read_image_folder(tmp_path / 'tree', transform)
     assert plain.classnames == ['n001 tench', 'n002 goldfish', 'n003 shark']
     assert [label for _, label in plain.data] == [0, 0, 1, 1, 2, 2]
     (tmp_path / 'tree' / 'classnames.txt').write_text('tench\ngoldfish\ngreat white shark\n')
-    assert ev.read_image_folder(tmp_path / 'tree', transform).classnames == ['tench', 'goldfish', 'great white shark']
+    assert fmt.read_image_folder(tmp_path / 'tree', transform).classnames == ['tench', 'goldfish', 'great white shark']
     with pytest.raises(ValueError, match='3 class folders but 2 class names'):
-        ev.read_image_folder(tmp_path / 'tree', transform, classnames=['a', 'b'])
+        fmt.read_image_folder(tmp_path / 'tree', transform, classnames=['a', 'b'])
 
 
 def test_suite_with_imagefolder_probe_cache_and_builtin_names(model, tokenizer, transform, tmp_path, monkeypatch):
@@ -381,7 +383,7 @@ def test_suite_with_imagefolder_probe_cache_and_builtin_names(model, tokenizer, 
     colours = rng.integers(0, 256, (3, 3))
     for split, per_class in (('train', 6), ('test', 3)):
         labels = [c for c in range(3) for _ in range(per_class)]
-        ev.write_image_folder(tmp_path / 'data' / 'tree' / split, [flat_image(colours[c], rng) for c in labels], labels,
+        fmt.write_image_folder(tmp_path / 'data' / 'tree' / split, [flat_image(colours[c], rng) for c in labels], labels,
                               ['a', 'b', 'c'])
     (tmp_path / 'names.txt').write_text('tench\ngoldfish\ngreat white shark\n')
     suite = {'name': 'tree', 'tasks': [
@@ -393,7 +395,7 @@ def test_suite_with_imagefolder_probe_cache_and_builtin_names(model, tokenizer, 
     cache = tmp_path / 'features'
     first = ev.evaluate_suite(model, suite, feature_cache=cache, progress=False)
     assert [r['status'] for r in first] == ['ok', 'ok'] and first[0]['n_classes'] == 3
-    assert first[1]['n_test'] == 9 and first[1]['weight_decay'] in ev.WEIGHT_DECAYS
+    assert first[1]['n_test'] == 9 and first[1]['weight_decay'] in WEIGHT_DECAYS
     assert len(list(cache.glob('*-tree-*.pt'))) == 2                # train and test features cached
     again = ev.evaluate_suite(model, suite, feature_cache=cache, progress=False)
     assert {k: v for k, v in again[1].items() if k != 'seconds'} == {k: v for k, v in first[1].items() if k != 'seconds'}
@@ -445,17 +447,21 @@ def test_eval_cli_on_a_stock_open_clip_checkpoint(tmp_path, classification_root,
     rows = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
     assert [(r['dataset'], r['status']) for r in rows] == [('nouns', 'ok'), ('elsewhere', 'missing')]
     assert rows[0]['checkpoint'] == str(tmp_path / 'plain.pt') and rows[0]['suite'] == 'suite'
-    expected = ev.zeroshot_classification(net.eval(), ev.read_wds(classification_root, 'test', ev.model_transform(net)),
+    expected = ev.zeroshot_classification(net.eval(), fmt.read_wds(classification_root, 'test', ev.model_transform(net)),
                                           ev.model_tokenizer(net, 'eval-test-tiny'))
     assert rows[0]['top1'] == expected['top1'] and rows[0]['mean_per_class_recall'] == expected['mean_per_class_recall']
     printed = capsys.readouterr().out
     assert 'zeroshot_classification' in printed and 'zero-shot mean top-1 over 1 sets' in printed
-    with pytest.raises(SystemExit, match='--masked needs --mask_strategy'):
+    with pytest.raises(SystemExit, match='--masked needs --set masking.strategy'):
         run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--masked'])
+    with pytest.raises(SystemExit, match="cluster_glip eval: --set lr=0.1: only masking.. can be set here.*not field 'lr'"):
+        run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--set', 'lr=0.1'])
+    with pytest.raises(SystemExit, match="cluster_glip eval: config field 'masking'"):
+        run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--set', 'masking.strategy=nope'])
 
 
 def test_masked_inference_is_refused_for_stock_models(model, classification_root, transform, tokenizer):
-    evalset = ev.read_wds(classification_root, 'test', transform)
+    evalset = fmt.read_wds(classification_root, 'test', transform)
     with pytest.raises(ValueError, match='stock open_clip model'):
         ev.zeroshot_classification(model, evalset, tokenizer, masked=True)
     with pytest.raises(ValueError, match='needs a model that masks'):
@@ -469,14 +475,14 @@ def test_eval_cli_masked_on_a_cluster_glip_checkpoint(tmp_path, classification_r
     (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
         {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name}]}))
     run_cli(['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
-             '--masked', '--mask_strategy', 'gaussian', '--mask_ratio', '0.5', '--out', str(tmp_path / 'rows.jsonl'),
+             '--masked', '--set', 'masking.strategy=gaussian', '--set', 'masking.ratio=0.5', '--out', str(tmp_path / 'rows.jsonl'),
              '--device', 'cpu', '--workers', '0', '--seed', '5'])
     row, = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
     assert (row['status'], row['masked'], row['mask_strategy'], row['mask_ratio']) == ('ok', True, 'gaussian', 0.5)
-    loaded = ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu', mask_strategy='gaussian', mask_ratio=0.5)
+    loaded = ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu', masking={'strategy': 'gaussian', 'ratio': 0.5})
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
     assert loaded.masker.masked_inference is False                      # switched on only inside a masked task
-    evalset = ev.read_wds(classification_root, 'test', ev.model_transform(loaded))
+    evalset = fmt.read_wds(classification_root, 'test', ev.model_transform(loaded))
     tokenizer = ev.model_tokenizer(loaded, 'tiny-vit-32')
     direct = ev.zeroshot_classification(loaded, evalset, tokenizer, masked=True, seed=5)
     assert row['top1'] == direct['top1'] and row['mean_per_class_recall'] == direct['mean_per_class_recall']
@@ -488,7 +494,7 @@ def test_masked_inference_refuses_a_masker_that_does_not_mask(classification_roo
     from cluster_glip.model import create_model
     net = create_model('tiny-vit-32').eval()                                 # default masker: strategy 'none'
     with pytest.raises(ValueError, match="does not mask \\(strategy 'none'"):
-        ev.image_features(net, ev.read_wds(classification_root, 'test', ev.model_transform(net)), masked=True)
+        ev.image_features(net, fmt.read_wds(classification_root, 'test', ev.model_transform(net)), masked=True)
 
 
 def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path, classification_root):
@@ -500,7 +506,7 @@ def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path
         {'task': 'zeroshot_classification', 'dataset': 'nouns_full', 'path': classification_root.name}]}))
     argv = ['--checkpoint', str(tmp_path / 'ours.pt'), '--model', 'tiny-vit-32', '--suite', str(tmp_path / 'suite.yaml'),
             '--device', 'cpu', '--workers', '0']
-    run_cli(argv + ['--mask_strategy', 'random', '--mask_ratio', '0.75', '--out', str(tmp_path / 'both.jsonl')])
+    run_cli(argv + ['--set', 'masking.strategy=random', '--set', 'masking.ratio=0.75', '--out', str(tmp_path / 'both.jsonl')])
     rows = [json.loads(line) for line in (tmp_path / 'both.jsonl').read_text().splitlines()]
     assert [(r['dataset'], r['masked'], r['status']) for r in rows] == \
         [('nouns', False, 'ok'), ('nouns', True, 'ok'), ('nouns_full', False, 'ok')]
@@ -528,7 +534,7 @@ def test_synthetic_suite_reads_the_data_modules_sets_and_a_random_model_is_at_ch
     zeroshot, karpathy, wds_layout, crepe = rows
     assert (zeroshot['n_images'], zeroshot['n_classes']) == (96, 24)
     assert (karpathy['n_images'], karpathy['n_texts']) == (wds_layout['n_images'], wds_layout['n_texts']) == (40, 200)
-    assert all(crepe[f'n_{s}'] == 24 for s in ev.SUGARCREPE_SUBSETS)
+    assert all(crepe[f'n_{s}'] == 24 for s in fmt.SUGARCREPE_SUBSETS)
     # chance: 1/24 top-1 (one guess per class: at most 5 of 24 classes right, p < 1e-3); R@5 5/40 (caption queries)
     # and about 0.50 (image queries, 5 own captions among 200); four standard deviations of 40 queries above them
     assert zeroshot['top1'] < 0.25

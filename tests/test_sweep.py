@@ -1,12 +1,15 @@
-"""End-to-end sweeps through the papermill pre-training notebook (tiny model, a few steps), and every packaged ablation
-validating point by point."""
-import json, time
+"""End-to-end sweeps through the papermill pre-training notebook (tiny model, a few steps), every packaged ablation
+validating point by point, one run configured three ways (CLI, sweep axis, papermill), and a sweep from a wheel install."""
+import json, os, shutil, subprocess, sys, time, zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cluster_glip.sweep import SweepError, dry_run, ensure_synthetic_bundle, expand, load_sweep, run_sweep
-from cluster_glip.config import packaged_configs
+from cluster_glip.cli import main
+from cluster_glip.config import TrainConfig, packaged_configs
+from cluster_glip.sweep import (TRAIN_FIELDS, SweepError, default_notebook, dry_run, ensure_synthetic_bundle, expand,
+                                load_sweep, notebook_parameters, papermill_params, run_config, run_sweep, validate_points)
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ('strategy', 'mask_ratio', 'glip_sigma', 'anchor_ratio', 'normalization', 'fusion', 'threshold_budget',
@@ -42,7 +45,7 @@ def test_paper_numbers_name_points_of_their_sweep():
 
 def test_a_bad_point_fails_validation_with_its_name():
     spec = load_sweep('cpu_mini')
-    spec['grid'] = {'overrides.masking.ratio': [0.5, 1.5]}
+    spec['grid'] = {'masking.ratio': [0.5, 1.5]}
     with pytest.raises(SweepError, match='ratio=1.5'): dry_run(spec)
 
 
@@ -57,14 +60,13 @@ def swept(tmp_path_factory):
     masking = {'strategy': 'random', 'ratio': 0.5}
     spec = {'name': 'two', 'description': 'two tiny points and a broken one',
             'base': {'config': 'tiny', 'synthetic_root': bundle['root'], 'synthetic_args': SMALL, 'eval_suite': 'synthetic',
-                     'n_example_masks': 2, 'overrides': {'model': 'tiny-vit-32', 'steps': 3, 'batch_size': 16, 'warmup': 1,
-                                                         'log_every': 1, 'checkpoint_every': 100, 'workers': 0,
-                                                         'tune_steps': 0}},
-            'variants': [{'name': 'flip', 'overrides.masking': masking},
-                         {'name': 'cluster', 'overrides.masking': {'strategy': 'cluster', 'ratio': 0.5}},
+                     'n_example_masks': 2, 'model': 'tiny-vit-32', 'steps': 3, 'batch_size': 16, 'warmup': 1,
+                     'log_every': 1, 'checkpoint_every': 100, 'workers': 0, 'tune_steps': 0},
+            'variants': [{'name': 'flip', 'masking': masking},
+                         {'name': 'cluster', 'masking': {'strategy': 'cluster', 'ratio': 0.5}},
                          # valid as a config (the runner's validation passes), fails in the notebook: no such shards
-                         {'name': 'bad', 'overrides.masking': masking, 'synthetic_root': None,
-                          'overrides.train_data': str(root/'nowhere'/'{0..1}.tar')}]}
+                         {'name': 'bad', 'masking': masking, 'synthetic_root': None,
+                          'train_data': str(root/'nowhere'/'{0..1}.tar')}]}
     return spec, root, run_sweep(spec, root=root, cwd=ROOT)
 
 
@@ -105,3 +107,74 @@ def test_finished_points_are_skipped(swept):
     again = run_sweep(spec, root=root, cwd=ROOT, only='flip|cluster')   # both finished: nothing runs
     assert time.perf_counter() - start < 5 and (root/'two'/'flip'/'done').stat().st_mtime_ns == marker
     assert again == [r for r in rows if r['point'] != 'bad']
+
+
+# -- one vocabulary -----------------------------------------------------------------------------------------------------
+
+def executed_parameters(parameters: dict) -> dict:
+    "The pre-training notebook's parameters as papermill sets them: its `parameters` and injected cells, executed."
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    scope = {}
+    for cell in parameterize_notebook(load_notebook_node(str(default_notebook())), parameters).cells:
+        if {'parameters', 'injected-parameters'} & set(cell.metadata.get('tags', [])): exec(cell.source, scope)
+    return scope
+
+
+def test_one_run_three_ways_is_one_config(capsys):
+    "CLI `--set masking.ratio=0.75`, a sweep axis `masking.ratio` and the notebook's `fields` parameter: one TrainConfig."
+    main(['train', '--config', 'tiny', '--set', 'masking.ratio=0.75', '--set', 'resume=latest', '--dry_run'])
+    from_cli = TrainConfig(**yaml.safe_load(capsys.readouterr().out))
+    axis = {'name': 'three_ways', 'base': {'config': 'tiny', 'synthetic_root': None}, 'grid': {'masking.ratio': [0.75]}}
+    from_sweep, = validate_points(expand(axis), default_notebook())
+    scope = executed_parameters({'fields': {'masking.ratio': 0.75}, 'synthetic_root': None})
+    from_papermill = run_config(scope['config'], scope['fields'])
+    assert from_cli == from_sweep == from_papermill
+    assert from_cli.masking == {'strategy': 'cluster', 'ratio': 0.75} and from_cli.output_dir == 'runs/tiny'
+
+
+def test_notebook_parameters_are_config_and_fields_plus_a_few_others():
+    "The notebook's training parameters are `config` and `fields` (TrainConfig paths); no other parameter shadows a field."
+    params = notebook_parameters(default_notebook())
+    assert {'config', 'fields'} <= set(params) and not set(params) & set(TRAIN_FIELDS)
+    assert len(params) <= 12 and not {'out_dir', 'overrides'} & set(params)
+    point = expand({'name': 's', 'base': {'config': 'tiny', 'output_dir': 'runs/x', 'precision': 'fp32', 'eval_suite': None},
+                    'grid': {'masking.ratio': [0.5]}})[0]
+    assert papermill_params(point.params) == {'config': 'tiny', 'eval_suite': None,
+                                              'fields': {'output_dir': 'runs/x', 'precision': 'fp32', 'masking': {'ratio': 0.5}}}
+
+
+# -- a sweep from a wheel install ---------------------------------------------------------------------------------------
+
+BUILD_INPUTS = ('setup.py', 'settings.ini', 'pyproject.toml', 'README.md', 'cluster_glip', 'nbs/experiments/pretrain.ipynb')
+
+
+def dev_site_packages() -> str:
+    "The dev venv's site-packages (the one torch is imported from), to reuse its dependencies in a fresh venv."
+    import torch
+    return next(p for p in sys.path if p.endswith('site-packages') and Path(torch.__file__).is_relative_to(p))
+
+
+@pytest.mark.slow
+def test_sweep_runs_from_a_wheel_install_on_the_packaged_notebook(tmp_path):
+    "A wheel in a fresh venv (no checkout, no editable install) runs `cluster_glip sweep` on the notebook it ships."
+    source, wheels, venv, elsewhere = tmp_path/'source', tmp_path/'wheels', tmp_path/'venv', tmp_path/'elsewhere'
+    for name in BUILD_INPUTS:                        # build from a copy, so that the checkout gets no build/ or egg-info
+        (source/name).parent.mkdir(parents=True, exist_ok=True)
+        copy = shutil.copytree if (ROOT/name).is_dir() else shutil.copyfile
+        copy(ROOT/name, source/name, **({'ignore': shutil.ignore_patterns('__pycache__')} if (ROOT/name).is_dir() else {}))
+    run = lambda *command, **kw: subprocess.run(command, check=True, capture_output=True, text=True, **kw)
+    run(sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(wheels), str(source))
+    wheel, = wheels.glob('cluster_glip-*.whl')
+    with zipfile.ZipFile(wheel) as archive:           # the shipped notebook is the source notebook, byte for byte
+        assert archive.read('cluster_glip/experiments/pretrain.ipynb') == (ROOT/'nbs/experiments/pretrain.ipynb').read_bytes()
+    run(sys.executable, '-m', 'venv', '--without-pip', str(venv))
+    site, = venv.glob('lib/python*/site-packages')
+    (site/'deps.pth').write_text(dev_site_packages() + '\n')
+    run(sys.executable, '-m', 'pip', '--python', str(venv/'bin'/'python'), 'install', '--no-deps', '-q', str(wheel))
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    done = run(str(venv/'bin'/'cluster_glip'), 'sweep', 'cpu_mini', '--only', 'flip__seed=0', '--set', 'steps=40',
+               '--dry_run', cwd=elsewhere, env=env)
+    assert f'1 points validate against {site}/cluster_glip/experiments/pretrain.ipynb' in done.stdout, done.stdout
+    assert "'steps': 40" in done.stdout and 'flip__seed=0' in done.stdout
