@@ -15,7 +15,7 @@ COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` func
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
     'eval':  ('cluster_glip.evaluate:eval_cli', 'evaluate a checkpoint on an evaluation suite'),
     'sweep': ('cluster_glip.sweep:sweep_cli', 'run an ablation sweep through the pre-training notebook'),
-    'bench': ('cluster_glip.bench:bench_cli', 'time training steps per masking setting, against open_clip'),
+    'bench': ('cluster_glip.compare:bench_cli', 'time training steps per masking setting, against open_clip'),
 }
 
 def usage() -> str:

@@ -4,37 +4,52 @@
 
 # %% ../nbs/00_masking.ipynb #322f972f
 from __future__ import annotations
-import math, numbers, time
+import math, numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['STRATEGIES', 'PHOTOS', 'CLIP_MEAN', 'CLIP_STD', 'NORMALIZATIONS', 'CLUSTER_DEFAULTS', 'RELEASED', 'BENCHMARK_CONFIGS',
-           'check_ratio', 'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy',
-           'register', 'resolve_strategy', 'all_patches', 'mask_patches', 'keep_indices', 'no_mask', 'random_mask',
-           'check_positive', 'gaussian_prior', 'gaussian_mask', 'keep_frequency', 'count_components', 'visible_mask',
-           'mask_stats', 'example_photos', 'to_rgb', 'show_mask', 'patch_features', 'anchor_count', 'fusion_weight',
-           'cosine_rows', 'anchor_similarity', 'draw_anchors', 'trim_clusters', 'paper_budget', 'masked_fraction',
-           'bisect_threshold', 'check_choice', 'check_cluster', 'cluster_mask', 'calibrate_threshold', 'kmeans_assign',
-           'kmeans', 'check_kmeans', 'kmeans_mask', 'attention_mask', 'check_block', 'block_mask', 'PatchMasker',
-           'benchmark_masking']
+__all__ = ['STRATEGIES', 'NORMALIZATIONS', 'CLUSTER_DEFAULTS', 'RELEASED', 'check_number', 'check_choice', 'check_ratio',
+           'keep_count', 'Kept', 'keep_top', 'uniform_noise', 'patch_grid', 'MaskBatch', 'Strategy', 'register',
+           'resolve_strategy', 'all_patches', 'mask_patches', 'keep_indices', 'no_mask', 'random_mask',
+           'gaussian_prior', 'gaussian_mask', 'keep_frequency', 'count_components', 'visible_mask', 'mask_stats',
+           'patch_features', 'anchor_count', 'fusion_weight', 'cosine_rows', 'anchor_similarity', 'draw_anchors',
+           'trim_clusters', 'paper_budget', 'masked_fraction', 'bisect_threshold', 'check_cluster', 'cluster_mask',
+           'calibrate_threshold', 'kmeans_assign', 'kmeans', 'check_kmeans', 'kmeans_mask', 'attention_mask',
+           'check_block', 'block_mask', 'PatchMasker']
 
-# %% ../nbs/00_masking.ipynb #aa6dfbc4
+# %% ../nbs/00_masking.ipynb #ed3c01db
+def check_number(name: str, value, low: float, high: float | None = None, *, ends: str = '[)', integer: bool = False,
+                 note: str = ''):
+    "Raise unless `value` is a number (an integer if `integer`; never a bool) from `low` to `high`, `ends` '[' or '(' each."
+    kind = 'an integer' if integer else 'a number'
+    fine = (isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+            and (value >= low if ends[0] == '[' else value > low)
+            and (high is None or (value <= high if ends[1] == ']' else value < high)))
+    if not fine:
+        bounds = f'{">=" if ends[0] == "[" else ">"} {low}' if high is None else f'in {ends[0]}{low}, {high}{ends[1]}'
+        raise ValueError(f'{name} must be {kind} {bounds}{note}, got {value!r}')
+
+def check_choice(name: str, value, choices):
+    "Raise unless `value` is one of `choices`."
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {", ".join(map(repr, choices))}; got {value!r}')
+
 def check_ratio(ratio, name: str = 'mask ratio'):
     "Raise unless `ratio` is a number in [0, 1)."
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
-        raise ValueError(f'{name} must be a number in [0, 1), got {ratio!r}')
+    check_number(name, ratio, 0, 1)
 
+# %% ../nbs/00_masking.ipynb #aa6dfbc4
 def keep_count(n_patches: int, ratio: float) -> int:
     "Patch tokens kept per image: `max(1, floor(L·(1 − r)))`, as FLIP, open_clip and GLIP compute it."
     check_ratio(ratio)
-    if isinstance(n_patches, bool) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
-        raise ValueError(f'n_patches must be a positive integer, got {n_patches!r}')
+    check_number('n_patches', n_patches, 1, integer=True)
     return max(1, math.floor(n_patches * (1 - ratio)))
 
 # %% ../nbs/00_masking.ipynb #f27c6ebc
@@ -68,8 +83,7 @@ def uniform_noise(shape: tuple, device, generator: torch.Generator | None = None
 # %% ../nbs/00_masking.ipynb #1b376bec
 def patch_grid(pixels: Tensor, patch_size: int) -> tuple[int, int]:
     "The `(Gh, Gw)` patch grid of `pixels` [B, C, H, W]; raises if the image size is not a multiple of `patch_size`."
-    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
-        raise ValueError(f'patch_size must be a positive integer, got {patch_size!r}')
+    check_number('patch_size', patch_size, 1, integer=True)
     if pixels.ndim != 4: raise ValueError(f'pixels must be [B, C, H, W], got shape {tuple(pixels.shape)}')
     h, w = pixels.shape[-2:]
     if h % patch_size or w % patch_size:
@@ -77,6 +91,7 @@ def patch_grid(pixels: Tensor, patch_size: int) -> tuple[int, int]:
                          f'resize or crop it to a multiple of {patch_size}')
     return h // patch_size, w // patch_size
 
+# %% ../nbs/00_masking.ipynb #f1e518ab
 @dataclass
 class MaskBatch:
     "Everything a strategy may read for one batch."
@@ -91,8 +106,7 @@ class MaskBatch:
     def __post_init__(self):
         self.grid = patch_grid(self.pixels, self.patch_size)
         check_ratio(self.ratio)
-        if not (isinstance(self.progress, numbers.Real) and 0 <= self.progress <= 1):
-            raise ValueError(f'progress must be in [0, 1], got {self.progress!r}')
+        check_number('progress', self.progress, 0, 1, ends='[]')
         if self.tokens is not None and (self.tokens.ndim != 3 or self.tokens.shape[:2] != (self.B, self.L)):
             raise ValueError(f'tokens must be [B, L, D] = [{self.B}, {self.L}, D] for these pixels, '
                              f'got {tuple(self.tokens.shape)}')
@@ -185,20 +199,15 @@ def random_mask(batch: MaskBatch) -> Kept:
     return Kept(keep_top(batch.noise(batch.L), batch.K))                             # [B, K]
 
 # %% ../nbs/00_masking.ipynb #aa9bc169
-def check_positive(name: str, value):
-    "Raise unless `value` is a positive number."
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f'{name} must be a number > 0, got {value!r}')
-
 def gaussian_prior(grid_h: int, grid_w: int, sigma: float, device=None) -> Tensor:
     "GLIP's centre prior on the patch grid, σ a variance, not renormalised: [Gh, Gw]."
-    check_positive('sigma', sigma)
+    check_number('sigma', sigma, 0, ends='(]')
     ci = torch.linspace(-1, 1, grid_h, device=device)                                # [Gh]
     cj = torch.linspace(-1, 1, grid_w, device=device)                                # [Gw]
     squared = ci[:, None] ** 2 + cj[None, :] ** 2                                    # [Gh, Gw]
     return torch.exp(-squared / (2 * sigma)) / (2 * math.pi * sigma)
 
-@register('gaussian', {'sigma': 0.2}, lambda params, ratio: check_positive('sigma', params['sigma']))
+@register('gaussian', {'sigma': 0.2}, lambda params, ratio: check_number('sigma', params['sigma'], 0, ends='(]'))
 def gaussian_mask(batch: MaskBatch, sigma: float) -> Kept:
     "GLIP: keep the K largest of uniform noise plus the centre prior."
     prior = gaussian_prior(*batch.grid, sigma, batch.device).flatten()              # [L]
@@ -245,42 +254,6 @@ def mask_stats(kept: Kept, grid: tuple[int, int]) -> dict[str, Tensor]:
     n_hidden = n - kept.n_kept if kept.padding is None else None                         # fixed by the exact budget
     return {'drop_fraction': hidden.float().mean(),
             'components': count_components(hidden.view(-1, *grid), n_hidden).float().mean()}
-
-# %% ../nbs/00_masking.ipynb #8040f052
-PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'stereo_motorcycle')
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip's OPENAI_DATASET_STD
-
-def example_photos(image_size: int = 224, names: tuple[str, ...] = PHOTOS) -> Tensor:
-    "scikit-image's sample photographs, CLIP-preprocessed (resize, centre crop, normalise): [N, 3, S, S]."
-    try: from skimage import data
-    except ImportError as e: raise ImportError('example_photos needs scikit-image: pip install scikit-image') from e
-    photos = []
-    for name in names:
-        image = getattr(data, name)()
-        image = image[0] if isinstance(image, tuple) else image  # stereo_motorcycle is (left, right, disparity)
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255                # [1, 3, h, w]
-        scale = image_size / min(x.shape[-2:])
-        size = [max(image_size, round(side * scale)) for side in x.shape[-2:]]
-        x = F.interpolate(x, size=size, mode='bicubic', antialias=True, align_corners=False).clamp(0, 1)
-        top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-        photos.append(x[..., top:top + image_size, left:left + image_size])
-    x = torch.cat(photos)                                                                 # [N, 3, S, S]
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-
-def to_rgb(pixels: Tensor) -> Tensor:
-    "Undo CLIP's normalisation for display: [N, 3, H, W] -> [N, H, W, 3] in [0, 1]."
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
-    return (pixels.float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
-
-def show_mask(ax, pixels: Tensor, visible: Tensor, patch_size: int, title: str | None = None):
-    "Draw one image [3, H, W] with its hidden patches greyed out (`visible` [L] bool)."
-    image = to_rgb(pixels[None])[0]                                                       # [H, W, 3]
-    gh, gw = pixels.shape[-2] // patch_size, pixels.shape[-1] // patch_size
-    seen = visible.view(gh, gw).cpu().repeat_interleave(patch_size, 0).repeat_interleave(patch_size, 1)
-    ax.imshow(torch.where(seen[..., None], image, 0.25 * image + 0.6).numpy())
-    ax.set_xticks([]); ax.set_yticks([])
-    if title: ax.set_title(title, fontsize=9)
 
 # %% ../nbs/00_masking.ipynb #47261fd7
 NORMALIZATIONS = ('patch', 'none', 'image')
@@ -377,11 +350,6 @@ def bisect_threshold(best: Tensor, target: float, budget: str = 'exact', min_dro
     return tau
 
 # %% ../nbs/00_masking.ipynb #a77837e9
-def check_choice(name: str, value, choices):
-    "Raise unless `value` is one of `choices`."
-    if value not in choices:
-        raise ValueError(f'{name} must be one of {", ".join(map(repr, choices))}; got {value!r}')
-
 def check_cluster(params: dict, ratio: float):
     "Validate the cluster strategy's parameters (those that do not depend on the image size)."
     check_choice('features', params['features'], ('rgb', 'embed', 'fused'))
@@ -389,12 +357,10 @@ def check_cluster(params: dict, ratio: float):
     check_choice('normalize', params['normalize'], NORMALIZATIONS)
     check_choice('budget', params['budget'], ('exact', 'paper'))
     check_ratio(params['min_drop'], 'min_drop')
-    a, tau = params['anchor_ratio'], params['threshold']
-    if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0 < a < 1:
-        raise ValueError(f'anchor_ratio must be in (0, 1) (at least one anchor, fewer than L), got {a!r}')
-    if tau not in ('adaptive', 'calibrated') and (
-            isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not -1 <= tau < 1):
-        raise ValueError(f"threshold must be 'adaptive', 'calibrated' or a similarity in [-1, 1); got {tau!r}")
+    check_number('anchor_ratio', params['anchor_ratio'], 0, 1, ends='()', note=' (at least one anchor, fewer than L)')
+    tau = params['threshold']
+    if tau not in ('adaptive', 'calibrated'):
+        check_number('threshold', tau, -1, 1, note=" (a similarity), or 'adaptive' or 'calibrated'")
     if tau == 'adaptive' and params['budget'] != 'exact':
         raise ValueError("threshold 'adaptive' fixes each image's budget exactly: use it with budget 'exact', "
                          "or a fixed or 'calibrated' threshold with budget 'paper'")
@@ -405,6 +371,7 @@ def check_cluster(params: dict, ratio: float):
 CLUSTER_DEFAULTS = dict(features='rgb', fusion='linear', normalize='patch', anchor_ratio=0.03, threshold='adaptive',
                         budget='exact', min_drop=0.3)
 
+# %% ../nbs/00_masking.ipynb #89cbfbf5
 @register('cluster', CLUSTER_DEFAULTS, check_cluster, reads_tokens=lambda p: p['features'] != 'rgb')
 def cluster_mask(batch: MaskBatch, features: str, fusion: str, normalize: str, anchor_ratio: float,
                  threshold: str | float, budget: str, min_drop: float) -> Kept:
@@ -462,12 +429,11 @@ def kmeans(features: Tensor, k: int, steps: int, noise: Tensor) -> Tensor:
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)        # empty: stays put
     return kmeans_assign(features, centroids)
 
+# %% ../nbs/00_masking.ipynb #e2ee30a2
 def check_kmeans(params: dict, ratio: float):
     "Validate the k-means strategy's parameters."
-    for name in ('n_clusters', 'steps'):
-        value = params[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < (2 if name == 'n_clusters' else 1):
-            raise ValueError(f'{name} must be an integer >= {2 if name == "n_clusters" else 1}, got {value!r}')
+    check_number('n_clusters', params['n_clusters'], 2, integer=True)
+    check_number('steps', params['steps'], 1, integer=True)
     check_choice('features', params['features'], ('rgb', 'embed'))
     check_choice('normalize', params['normalize'], NORMALIZATIONS)
 
@@ -504,11 +470,8 @@ def attention_mask(batch: MaskBatch) -> Kept:
 # %% ../nbs/00_masking.ipynb #16e81b81
 def check_block(params: dict, ratio: float):
     "Validate the block strategy's parameters."
-    m, aspect = params['min_block'], params['aspect']
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 1:
-        raise ValueError(f'min_block must be an integer >= 1 (patches), got {m!r}')
-    if isinstance(aspect, bool) or not isinstance(aspect, numbers.Real) or not 0 < aspect <= 1:
-        raise ValueError(f'aspect must be in (0, 1] (blocks between aspect and 1/aspect), got {aspect!r}')
+    check_number('min_block', params['min_block'], 1, integer=True, note=' (patches)')
+    check_number('aspect', params['aspect'], 0, 1, ends='(]', note=' (blocks between aspect and 1/aspect)')
 
 @register('block', dict(min_block=16, aspect=0.3), check_block)
 def block_mask(batch: MaskBatch, min_block: int, aspect: float) -> Kept:
@@ -541,8 +504,7 @@ class PatchMasker(nn.Module):
     def __init__(self, strategy: str = 'none', ratio: float = 0.0, patch_size: int = 16, *,
                  masked_inference: bool = False, **params):
         super().__init__()
-        if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) or patch_size < 1:
-            raise ValueError(f'patch_size must be a positive integer, got {patch_size!r}')
+        check_number('patch_size', patch_size, 1, integer=True)
         self.spec, self.params = resolve_strategy(strategy, params, ratio)
         self.strategy, self.ratio, self.patch_size = strategy, ratio, patch_size
         self.masked_inference, self.progress = masked_inference, 0.0
@@ -562,11 +524,7 @@ class PatchMasker(nn.Module):
     def forward(self, pixels: Tensor, tokens: Tensor | None = None, generator: torch.Generator | None = None,
                 cls_attention: Callable[[], Tensor] | None = None) -> Kept:
         "The `Kept` decision for `pixels` [B, C, H, W] (and `tokens` [B, L, D] when the strategy reads them)."
-        if not self.masking:
-            gh, gw = patch_grid(pixels, self.patch_size)
-            kept = all_patches(pixels.shape[0], gh * gw, pixels.device)
-            kept.stats = mask_stats(kept, (gh, gw))
-            return kept
+        if not self.masking: return mask_patches(pixels, 'none', 0.0, self.patch_size)   # every patch, with statistics
         params = dict(self.params)
         if params.get('threshold') == 'calibrated':
             if self.threshold_value is None: self.calibrate(pixels, tokens, generator)
@@ -574,72 +532,19 @@ class PatchMasker(nn.Module):
         return mask_patches(pixels, self.strategy, self.ratio, self.patch_size, tokens=tokens, generator=generator,
                             cls_attention=cls_attention, progress=self.progress, **params)
 
-    def calibrate(self, pixels: Tensor, tokens: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> float | None:
-        "With `threshold='calibrated'`: find the cluster threshold on this batch, keep it and return it; else None."
-        if self.params.get('threshold') != 'calibrated': return None
-        params = {k: v for k, v in self.params.items() if k != 'threshold'}
-        self.threshold_value = calibrate_threshold(pixels, self.ratio, self.patch_size, tokens=tokens,
-                                                   generator=generator, progress=self.progress, **params)
-        return self.threshold_value
+# %% ../nbs/00_masking.ipynb #1a5d407b
+@patch
+def calibrate(self: PatchMasker, pixels: Tensor, tokens: Tensor | None = None,
+              generator: torch.Generator | None = None) -> float | None:
+    "With `threshold='calibrated'`: find the cluster threshold on this batch, keep it and return it; else None."
+    if self.params.get('threshold') != 'calibrated': return None
+    params = {k: v for k, v in self.params.items() if k != 'threshold'}
+    self.threshold_value = calibrate_threshold(pixels, self.ratio, self.patch_size, tokens=tokens,
+                                               generator=generator, progress=self.progress, **params)
+    return self.threshold_value
 
-    def extra_repr(self) -> str:
-        params = ''.join(f', {k}={v!r}' for k, v in self.params.items())
-        return f'{self.strategy!r}, ratio={self.ratio}, patch_size={self.patch_size}{params}' + (
-            ', masked_inference=True' if self.masked_inference else '')
-
-# %% ../nbs/00_masking.ipynb #4f20513f
-BENCHMARK_CONFIGS = (('random', {}), ('gaussian', {}), ('cluster', {}), ('cluster', {'features': 'fused'}),
-                     ('cluster', {'threshold': 0.7}), ('released', {}), ('kmeans', {}), ('attention', {}), ('block', {}))
-
-def benchmark_masking(batch: int = 256, image_size: int = 224, patch_size: int = 16, device=None, *, ratio: float = 0.5,
-                      step_batch: int | None = None, repeats: int = 3, model: str = 'ViT-B-16',
-                      configs=BENCHMARK_CONFIGS) -> dict:
-    "Time mask generation per strategy and print it as a fraction of one `model` training step on the same device."
-    import open_clip
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    step_batch = step_batch or (batch if device.type == 'cuda' else 4)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-    def seconds(fn, times=repeats):  # median over `times` runs after a warm-up run
-        fn(); sync()
-        runs = []
-        for _ in range(times):
-            start = time.perf_counter(); fn(); sync(); runs.append(time.perf_counter() - start)
-        return sorted(runs)[len(runs) // 2]
-
-    generator = torch.Generator(device).manual_seed(0)
-    coarse = torch.randn(batch, 3, image_size // 8, image_size // 8, generator=generator, device=device)
-    pixels = F.interpolate(coarse, size=image_size, mode='bilinear', align_corners=False)             # [B, 3, S, S]
-    pixels = pixels + 0.1 * torch.randn(pixels.shape, generator=generator, device=device)
-    n = (image_size // patch_size) ** 2
-    tokens = torch.randn(batch, n, 768, generator=generator, device=device)                           # [B, L, D]
-    attention = torch.rand(batch, n, generator=generator, device=device)                               # [B, L]
-    rows = []
-    for name, params in configs:
-        run = lambda with_stats: mask_patches(pixels, name, ratio, patch_size, tokens=tokens, generator=generator,
-                                              cls_attention=lambda: attention, with_stats=with_stats, **params)
-        mask, total = seconds(lambda: run(False)), seconds(lambda: run(True))
-        rows.append({'strategy': name, **params, 'mask_s': mask, 'stats_s': max(0.0, total - mask)})
-
-    net = open_clip.create_model(model, device=device, output_dict=True).train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
-    images = torch.randn(step_batch, 3, image_size, image_size, generator=generator, device=device)
-    texts = torch.randint(0, 49408, (step_batch, 77), generator=generator, device=device)
-    labels = torch.arange(step_batch, device=device)
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            out = net(images, texts)
-            logits = out['logit_scale'] * out['image_features'] @ out['text_features'].T                # [b, b]
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
-    step_s = seconds(step, 1 if device.type == 'cpu' else repeats) * batch / step_batch  # a CPU step takes minutes
-    del net, optimizer
-
-    print(f'{model} training step on {device} ({"scaled from " + str(step_batch) + " images" if step_batch != batch else "measured"}): '
-          f'{step_s:.2f} s for {batch} images; masking at ratio {ratio}:')
-    for row in rows:
-        label = row['strategy'] + ''.join(f' {k}={v}' for k, v in row.items() if k not in ('strategy', 'mask_s', 'stats_s'))
-        row['fraction'], row['fraction_with_stats'] = row['mask_s'] / step_s, (row['mask_s'] + row['stats_s']) / step_s
-        print(f'  {label:<28} {1e3 * row["mask_s"]:9.1f} ms = {row["fraction"]:7.2%} of a step'
-              f'   (+ statistics {1e3 * row["stats_s"]:8.1f} ms: {row["fraction_with_stats"]:7.2%})')
-    return {'device': str(device), 'batch': batch, 'step_batch': step_batch, 'step_s': step_s, 'rows': rows}
+@patch
+def extra_repr(self: PatchMasker) -> str:
+    params = ''.join(f', {k}={v!r}' for k, v in self.params.items())
+    return f'{self.strategy!r}, ratio={self.ratio}, patch_size={self.patch_size}{params}' + (
+        ', masked_inference=True' if self.masked_inference else '')

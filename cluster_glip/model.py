@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
-           'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'all_kept', 'class_attention', 'MaskedCLIP',
-           'create_model', 'patch_slice', 'kept_rows', 'forward_gflops', 'compile_model']
+           'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'class_attention', 'MaskedCLIP', 'create_model',
+           'patch_slice', 'kept_rows', 'forward_gflops', 'compile_model']
 
 # %% ../nbs/01_model.ipynb #6c75d9f5
 import math, os
@@ -14,6 +14,7 @@ from importlib.resources import files
 
 import open_clip
 import torch
+from fastcore.basics import patch
 import torch.nn.functional as F
 from open_clip.model import CLIP, get_cast_dtype, convert_weights_to_lp, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
@@ -107,12 +108,6 @@ def encode_tokens(visual: VisionTransformer, tokens: Tensor, cls: Tensor, kept: 
     x = run_blocks(visual, x, key_mask(kept.padding))
     return pool(visual, x, kept.padding)                                      # [B, E]
 
-def all_kept(pixels: Tensor, patch_size: int) -> Kept:
-    "The `Kept` of plain (unmasked) inference: every patch of `pixels` [B, 3, H, W], in order, no padding."
-    B, _, H, W = pixels.shape
-    L = (H // patch_size) * (W // patch_size)
-    return Kept(indices=torch.arange(L, device=pixels.device).expand(B, L), padding=None, stats={})
-
 # %% ../nbs/01_model.ipynb #efdf278b
 @torch.no_grad()
 def class_attention(visual: VisionTransformer, pixels: Tensor) -> Tensor:
@@ -160,24 +155,27 @@ class MaskedCLIP(CLIP):
                              'plan it with model.plan_mask(images)')
         return encode_tokens(self.visual, tokens, cls, kept), kept
 
-    def encode_image(self, images: Tensor, normalize: bool = False, *, generator: torch.Generator | None = None,
-                     kept: Kept | None = None) -> Tensor:
-        "Image features [B, E] of `images` [B, 3, H, W], on the patches `kept` (planned now when None)."
-        features = self.encode_image_kept(images, generator=generator, kept=kept)[0]
-        return F.normalize(features, dim=-1) if normalize else features
+# %% ../nbs/01_model.ipynb #cee5968d
+@patch
+def encode_image(self: MaskedCLIP, images: Tensor, normalize: bool = False, *, generator: torch.Generator | None = None,
+                 kept: Kept | None = None) -> Tensor:
+    "Image features [B, E] of `images` [B, 3, H, W], on the patches `kept` (planned now when None)."
+    features = self.encode_image_kept(images, generator=generator, kept=kept)[0]
+    return F.normalize(features, dim=-1) if normalize else features
 
-    def forward(self, images: Tensor | None = None, texts: Tensor | None = None, *,
-                generator: torch.Generator | None = None, kept: Kept | None = None) -> dict:
-        "dict(image_features [B, E], text_features [B, E], both L2-normalised; logit_scale (exp'd); kept)."
-        image_features = None
-        if images is not None:
-            image_features, kept = self.encode_image_kept(images, generator=generator, kept=kept)
-            image_features = F.normalize(image_features, dim=-1)
-        text_features = self.encode_text(texts, normalize=True) if texts is not None else None
-        out = dict(image_features=image_features, text_features=text_features,
-                   logit_scale=self.logit_scale.exp(), kept=kept)
-        if self.logit_bias is not None: out['logit_bias'] = self.logit_bias
-        return out
+@patch
+def forward(self: MaskedCLIP, images: Tensor | None = None, texts: Tensor | None = None, *,
+            generator: torch.Generator | None = None, kept: Kept | None = None) -> dict:
+    "dict(image_features [B, E], text_features [B, E], both L2-normalised; logit_scale (exp'd); kept)."
+    image_features = None
+    if images is not None:
+        image_features, kept = self.encode_image_kept(images, generator=generator, kept=kept)
+        image_features = F.normalize(image_features, dim=-1)
+    text_features = self.encode_text(texts, normalize=True) if texts is not None else None
+    out = dict(image_features=image_features, text_features=text_features,
+               logit_scale=self.logit_scale.exp(), kept=kept)
+    if self.logit_bias is not None: out['logit_bias'] = self.logit_bias
+    return out
 
 # %% ../nbs/01_model.ipynb #4d98433e
 def _check_supported(name: str, cfg: dict):
@@ -197,6 +195,7 @@ def _check_supported(name: str, cfg: dict):
         raise ValueError(f"model {name!r} has {', '.join(problems)}; the masked forward supports open_clip ViTs with "
                          "standard blocks and class-token or average pooling (e.g. ViT-B-16, ViT-L-14, tiny-vit-64)")
 
+# %% ../nbs/01_model.ipynb #04e7341a
 def create_model(name: str, *, pretrained: str | None = None, masker: PatchMasker | None = None,
                  device: str | torch.device | None = None, precision: str = 'fp32', image_size: int | None = None,
                  **model_kwargs) -> MaskedCLIP:
@@ -250,7 +249,7 @@ def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: in
     size = image_size or model.visual.image_size[0]
     patch = model.visual.patch_size[0]
     L = (size // patch) ** 2
-    K = keep_count(L, ratio)                                                 # SPEC §1: K = max(1, floor(L·(1 − r)))
+    K = keep_count(L, ratio)                                                 # K = max(1, floor(L·(1 − r))), FLIP's budget
     images = torch.empty(1, 3, size, size, device='meta')
     kept = Kept(indices=torch.arange(K, device='meta')[None], padding=None, stats={})
     texts = torch.zeros(1, model.context_length, dtype=torch.long, device='meta')

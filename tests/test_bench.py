@@ -6,10 +6,10 @@ import json, math, statistics, subprocess
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_ratios, paired_speedup, assumed_steps_per_s, bench_cli,
-                                check_targets, compare_with_open_clip, find_openclip_pythonpath, interleaved_timings,
-                                largest_batch, open_clip_args, parse_open_clip_log, parse_setting, patch_dropout_of,
-                                run_bench, workers_needed)
+from cluster_glip.bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, add_ratios, check_targets, interleaved_timings,
+                                largest_batch, paired_speedup, parse_setting, patch_dropout_of, split_settings)
+from cluster_glip.compare import (assumed_steps_per_s, bench_cli, compare_with_open_clip, find_openclip_pythonpath,
+                                  open_clip_args, parse_open_clip_log, run_bench, workers_needed)
 from cluster_glip.synthetic import write_synthetic_shards
 
 
@@ -19,14 +19,28 @@ def test_default_settings_parse_and_reclip_keeps_the_grid_fraction():
     settings = {s: parse_setting(s) for s in DEFAULT_SETTINGS}
     assert settings['none'].masking == {'strategy': 'none'} and settings['random-0.75'].masking == {'strategy': 'random', 'ratio': 0.75}
     assert settings['cluster-paper'].masking['budget'] == 'paper' and settings['cluster-paper'].masking['threshold'] == 'calibrated'
-    assert [settings[f'reclip-{px}'].image_size(224, 16) for px in (160, 112, 64)] == [160, 112, 64]   # ViT-B/16
-    assert [settings[f'reclip-{px}'].image_size(64, 8) for px in (160, 112, 64)] == [48, 32, 16]       # tiny-vit-64
-    assert settings['random-0.5'].image_size(64, 8) == 64
+    assert [settings[f'reclip-{px}'].image_size(224) for px in (160, 112, 64)] == [160, 112, 64]   # ViT-B/16
+    assert [parse_setting(f'reclip-{px}', 'tiny-vit-64').image_size(64) for px in (160, 112, 64)] == [48, 32, 16]
+    assert settings['random-0.5'].image_size(64) == 64 and settings['reclip-112'].overrides == ('image_size=112',)
     assert parse_setting(' Random-0.5 ') == settings['random-0.5'] and parse_setting(settings['none']) is settings['none']
 
 
+def test_a_setting_is_a_label_and_config_overrides():
+    "Custom settings use TrainConfig's field paths, as `--set` does; a built-in name is the same thing, named."
+    mine = parse_setting('flip-half:masking.strategy=random, masking.ratio=0.5')
+    assert mine == BenchSetting('flip-half', ('masking.strategy=random', 'masking.ratio=0.5'))
+    assert mine.fields == parse_setting('random-0.5').fields == {'masking': {'strategy': 'random', 'ratio': 0.5}}
+    assert parse_setting('small:image_size=112').image_size(224) == 112 and parse_setting('small:image_size=112').masking == {'strategy': 'none'}
+    assert patch_dropout_of(mine) == 0.5
+    assert split_settings('none,flip-half:masking.strategy=random,masking.ratio=0.5, reclip-64') == [
+        'none', 'flip-half:masking.strategy=random,masking.ratio=0.5', 'reclip-64']
+    assert split_settings('') == [] and split_settings('none,random-0.5') == ['none', 'random-0.5']
+
+
 @pytest.mark.parametrize('bad, says', [('random-1.5', 'ratio'), ('nothing-0.5', 'unknown benchmark setting'),
-                                       ('reclip-300', '[16, 224)'), ('', 'unknown benchmark setting')])
+                                       ('reclip-300', '[16, 224)'), ('', 'unknown benchmark setting'),
+                                       ('x:masking.strategy=flip', 'unknown masking strategy'), ('x:lr=0.1', 'sets lr'),
+                                       ('x:masking.ratio', 'field=value'), (':masking.ratio=0.5', 'unknown benchmark setting')])
 def test_bad_settings_say_what_to_use(bad, says):
     with pytest.raises(ValueError) as error: parse_setting(bad)
     assert says in str(error.value)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from open_clip.model import CLIP
 
-from cluster_glip.masking import STRATEGIES, Kept, PatchMasker, keep_count
-from cluster_glip.model import all_kept, class_attention, compile_model, create_model, forward_gflops, kept_rows, patch_slice
+from cluster_glip.masking import STRATEGIES, Kept, PatchMasker, all_patches, keep_count
+from cluster_glip.model import class_attention, compile_model, create_model, forward_gflops, kept_rows, patch_slice
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))   # tiny-vit-32: 4×4 patches of 8 px
 TEXTS = torch.randint(1, 49407, (3, 77), generator=torch.Generator().manual_seed(1))
@@ -209,7 +209,7 @@ def test_any_kept_set_any_order(data):
         base = model.encode_image(IMAGES, kept=kept)
         assert torch.allclose(model.encode_image(IMAGES, kept=reordered), base, atol=1e-5)
         assert torch.allclose(model.encode_image(perturbed(IMAGES, 1, order[k:]), kept=kept), base, atol=1e-6)
-        if k == 16: assert torch.allclose(base, model.encode_image(IMAGES, kept=all_kept(IMAGES, 8)), atol=1e-5)
+        if k == 16: assert torch.allclose(base, model.encode_image(IMAGES, kept=all_patches(len(IMAGES), 16, IMAGES.device)), atol=1e-5)
 
 
 def test_attention_strategy_gets_the_class_attention_of_a_full_forward():
