@@ -6,7 +6,8 @@
 __all__ = ['OPEN_CLIP_MAIN', 'OPEN_CLIP_LINE', 'ASSUMED_FEED', 'PRECISIONS', 'TIMING_NOTES', 'open_clip_args',
            'parse_open_clip_log', 'find_openclip_pythonpath', 'run_open_clip_trainer', 'run_our_trainer',
            'open_clip_step_fn', 'compare_with_open_clip', 'workers_needed', 'assumed_steps_per_s', 'measure_feeding',
-           'format_report', 'plot_results', 'write_results', 'bench_shards', 'first_batch', 'run_bench', 'bench_cli']
+           'format_report', 'plot_results', 'write_bench_results', 'bench_shards', 'first_batch', 'run_bench',
+           'bench_cli']
 
 # %% ../nbs/09a_compare.ipynb #1abe96de
 import json, math, os, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -288,7 +289,7 @@ def plot_results(result: dict, path: 'str | Path | None' = None):
     if path is not None: fig.savefig(path, dpi=90)
     return fig
 
-def write_results(result: dict, out: 'str | Path') -> tuple[Path, Path]:
+def write_bench_results(result: dict, out: 'str | Path') -> tuple[Path, Path]:
     "Write `result` as OUT.json and its plot as OUT.png (`out` with or without the .json suffix)."
     import matplotlib.pyplot as plt
     out = Path(out)
@@ -422,7 +423,7 @@ def run_bench(model: str = 'tiny-vit-64', batch: int = 16, precision: str = 'fp3
                   config=config, timing=TIMING_NOTES, settings=done['rows'], open_clip=done['comparison'],
                   feeding=done['feeding'], seconds=time.perf_counter() - started, phases=done['phases'])
     result['targets'] = check_targets(result)
-    if out is not None: say('wrote {} and {}'.format(*write_results(result, out)))
+    if out is not None: say('wrote {} and {}'.format(*write_bench_results(result, out)))
     say(format_report(result))
     return result
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cluster_glip.formats import encode_image, write_tar
+from cluster_glip.formats import image_bytes, write_tar
 from cluster_glip.shards import train_loader, write_shard_index
 from cluster_glip.synthetic import PALETTE, SynthConfig, synthetic_sample, write_synthetic_bundle
 
@@ -26,7 +26,7 @@ def read_all(loader) -> list:
 
 
 def picture(i: int, size=(40, 40)) -> bytes:
-    return encode_image(Image.new('RGB', size, (37 * i % 256, 91 * i % 256, 53 * i % 256)))
+    return image_bytes(Image.new('RGB', size, (37 * i % 256, 91 * i % 256, 53 * i % 256)))
 
 
 def clean_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = 'sample') -> list:
@@ -59,13 +59,13 @@ def fault_shard(path: Path, k: int) -> list:
         {'jpg': good, 'txt': f'fine {k} a'.encode()},
         {'jpg': good[:len(good) // 2], 'txt': b'truncated'},                      # corrupt_image
         {'jpg': picture(k + 1), 'txt': f'latin {k} caf\xe9'.encode('latin-1')},    # bad_text (kept)
-        {'png': encode_image(Image.new('L', (40, 40), 77), 'png'), 'txt': f'grey {k}'.encode()},  # converted_mode
+        {'png': image_bytes(Image.new('L', (40, 40), 77), 'png'), 'txt': f'grey {k}'.encode()},  # converted_mode
         {'jpg': b'<html>not found</html>', 'txt': b'garbage'},                   # corrupt_image
-        {'png': encode_image(rgba, 'png'), 'txt': f'alpha {k}'.encode()},         # converted_mode
+        {'png': image_bytes(rgba, 'png'), 'txt': f'alpha {k}'.encode()},         # converted_mode
         {'jpg': picture(k + 2)},                                                  # missing_caption
-        {'jpg': encode_image(Image.new('CMYK', (40, 40), (0, 200, 200, 0))), 'txt': f'cmyk {k}'.encode()},  # converted_mode
+        {'jpg': image_bytes(Image.new('CMYK', (40, 40), (0, 200, 200, 0))), 'txt': f'cmyk {k}'.encode()},  # converted_mode
         {'jpg': picture(k + 3), 'txt': b'  \n '},                                 # empty_caption
-        {'png': encode_image(palette, 'png'), 'txt': f'palette {k}'.encode()},   # converted_mode
+        {'png': image_bytes(palette, 'png'), 'txt': f'palette {k}'.encode()},   # converted_mode
         {'jpg': picture(k + 4, size=(8, 8)), 'txt': f'tiny {k}'.encode()},        # small_image (kept)
         {'jpg': good, 'txt': f'fine {k} b'.encode()},
         {'txt': b'no image here', 'json': b'{}'},                                 # missing_image
@@ -197,7 +197,7 @@ def test_captions_and_pixels_agree_with_the_scene():
     cfg = SynthConfig()
     for i in range(300):
         scene, image, caption = synthetic_sample(11, 0, i, cfg)
-        image = np.asarray(Image.open(io.BytesIO(encode_image(image))))  # as stored, through JPEG
+        image = np.asarray(Image.open(io.BytesIO(image_bytes(image))))  # as stored, through JPEG
         objects, words = scene['objects'], caption.replace(',', '').split()
         primary = objects[0]
         assert f"{primary['color']} {primary['shape']}" in caption, (caption, primary)

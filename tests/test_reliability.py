@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from cluster_glip.cli import main
-from cluster_glip.formats import encode_image, write_tar
+from cluster_glip.formats import image_bytes, write_tar
 from cluster_glip.shards import write_shard_index
 from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.config import load_config
@@ -113,12 +113,12 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_loses_nothing(sh
 # -- damaged shards ---------------------------------------------------------------------------------------------------
 
 def picture(i: int) -> bytes:
-    return encode_image(Image.new('RGB', (40, 40), (37 * i % 256, 91 * i % 256, 53 * i % 256)))
+    return image_bytes(Image.new('RGB', (40, 40), (37 * i % 256, 91 * i % 256, 53 * i % 256)))
 
 
 def huge_png() -> bytes:
     "A PNG whose header claims 30000 × 30000 pixels: PIL refuses it as a decompression bomb before decoding."
-    png = bytearray(encode_image(Image.new('L', (1, 1), 0), 'png'))
+    png = bytearray(image_bytes(Image.new('L', (1, 1), 0), 'png'))
     ihdr = png.index(b'IHDR')
     png[ihdr + 4:ihdr + 12] = struct.pack('>II', 30000, 30000)
     png[ihdr + 17:ihdr + 21] = struct.pack('>I', zlib.crc32(bytes(png[ihdr:ihdr + 17])))
@@ -141,7 +141,7 @@ def damaged_shard(path: Path, k: int):
 def truncated_shard(path: Path, k: int, whole: int = 4):
     "`whole` good samples, then a sample whose image the tar ends inside of (a download cut short)."
     samples = [(f'{k:05d}{i:04d}', {'jpg': picture(8 * k + i), 'txt': f'a picture {k} {i}'.encode()}) for i in range(whole)]
-    big = encode_image(Image.effect_noise((64, 64), 60).convert('RGB'))
+    big = image_bytes(Image.effect_noise((64, 64), 60).convert('RGB'))
     write_tar(path, samples + [(f'{k:05d}{whole:04d}', {'jpg': big, 'txt': b'cut short'})])
     with tarfile.open(path) as tar: image = next(m for m in tar if m.name.endswith('.jpg') and m.size == len(big))
     path.write_bytes(path.read_bytes()[:image.offset_data + len(big) // 2])   # inside the last image's data
