@@ -19,7 +19,7 @@ from fastcore.script import call_parse
 from PIL import Image, ImageDraw
 
 from .formats import SUGARCREPE_SUBSETS, image_bytes, write_karpathy, write_sugarcrepe, write_tar, write_wds
-from .shards import derived_seed, shard_pattern, write_shard_index
+from .shards import seed_int, shard_pattern, write_shard_index
 
 # %% ../nbs/04_synthetic.ipynb #3eaee17b
 PALETTE = {  # colour word → RGB; the first six are the default vocabulary, far apart in hue
@@ -266,7 +266,7 @@ def caption_scene(scene: dict, rng: random.Random) -> str:
 
 def synthetic_sample(seed: int, split: int, index: int, cfg: SynthConfig = SynthConfig()):
     "`(scene, image, caption)` of sample `index` of `split` (0 train, 1 zero-shot, 2 retrieval, 3 composition)."
-    rng = random.Random(derived_seed(seed, split, index))
+    rng = random.Random(seed_int(seed, split, index))
     scene = sample_scene(rng, cfg)
     return scene, render_scene(scene), caption_scene(scene, rng)
 
@@ -320,7 +320,7 @@ def write_zeroshot_set(root, n: int = 1200, *, seed: int = 0, cfg: SynthConfig =
     labels = [i % len(classes) for i in range(n)]  # balanced classes
     def image(i, label):
         color, shape = cfg.colors[label // len(cfg.shapes)], cfg.shapes[label % len(cfg.shapes)]
-        scene = sample_scene(random.Random(derived_seed(seed, 1, i)), cfg, n_objects=1, primary=(color, shape), digits=False)
+        scene = sample_scene(random.Random(seed_int(seed, 1, i)), cfg, n_objects=1, primary=(color, shape), digits=False)
         return render_scene(scene)
     return write_wds(root, (image(i, label) for i, label in enumerate(labels)), labels, classnames=classes,
                      templates=ZEROSHOT_TEMPLATES, ext=image_format, shard_size=shard_size)
@@ -342,7 +342,7 @@ def write_retrieval_set(root, n: int = 500, *, captions_per_image: int = 5, seed
     in CLIP_benchmark's retrieval webdataset layout under `root/wds/`. Returns the JSON's path."""
     root, images, captions = Path(root), [], []
     for i in range(n):
-        rng = random.Random(derived_seed(seed, 2, i))
+        rng = random.Random(seed_int(seed, 2, i))
         scene = sample_scene(rng, cfg)
         images.append(render_scene(scene))
         captions.append(_captions(scene, rng, captions_per_image))
@@ -392,7 +392,7 @@ def write_sugarcrepe_set(root, n: int = 200, *, seed: int = 0, cfg: SynthConfig 
     for s, subset in enumerate(SUGARCREPE_SUBSETS):
         items[subset] = []
         for i in range(n):
-            scene, caption, negative = composition_item(subset, random.Random(derived_seed(seed, 3, s, i)), cfg)
+            scene, caption, negative = composition_item(subset, random.Random(seed_int(seed, 3, s, i)), cfg)
             items[subset].append((len(scenes), caption, negative))
             scenes.append(scene); filenames.append(f'{subset}_{i:05d}.jpg')
     return write_sugarcrepe(root, Path(root) / 'images', map(render_scene, scenes), items, filenames=filenames)

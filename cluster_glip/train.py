@@ -6,12 +6,12 @@
 __all__ = ['PEAK_TFLOPS', 'DistEnv', 'init_distributed', 'cosine_lr', 'rng_state', 'set_rng_state', 'save_checkpoint',
            'list_checkpoints', 'prune_checkpoints', 'CheckpointError', 'load_checkpoint', 'MetricsLog', 'read_metrics',
            'peak_tflops', 'train_flops_per_sample', 'Throughput', 'RunState', 'train_record', 'evaluate_in_training',
-           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold', 'preflight',
-           'find_resume', 'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload',
+           'derived_seed', 'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold',
+           'preflight', 'find_resume', 'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload',
            'checkpoint_run', 'resume_run', 'wrap_model', 'run_summary', 'train', 'plot_loss', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #3e335f01
-import json, math, os, pickle, random, re, sys, time
+import hashlib, json, math, os, pickle, random, re, sys, time
 from collections import Counter
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -27,7 +27,7 @@ from .masking import PatchMasker
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens
 from .step import make_optimizer, make_scaler, train_step
-from .shards import data_counts, derived_seed, expand_sources, train_loader
+from .shards import data_counts, expand_sources, train_loader
 
 # %% ../nbs/06_train.ipynb #0d526e4d
 @dataclass
@@ -237,6 +237,10 @@ def evaluate_in_training(evaluate, model: nn.Module, eval_args: dict, step: int,
     return scores
 
 # %% ../nbs/06_train.ipynb #8bce7f46
+def derived_seed(*parts) -> int:
+    "A 63-bit seed depending on every part, stable across processes and Python runs."
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], 'little') >> 1
+
 def seed_mask_generators(generators: list, seed: int, step: int, rank: int):
     "Seed micro-batch `j`'s mask generator from (seed, step, rank × len(generators) + j)."
     for j, generator in enumerate(generators):
