@@ -1,52 +1,15 @@
-"""End-to-end sweeps through the papermill pre-training notebook (tiny model, a few steps), every packaged ablation
-validating point by point, one run configured three ways (CLI, sweep axis, papermill), and a sweep from a wheel install."""
+"""End-to-end sweeps through the papermill pre-training notebook (tiny model, a few steps) and a sweep from a wheel install.
+
+Expanding and validating sweeps (every packaged ablation point by point, a bad point, the notebook's parameters, one run
+configured three ways) are examples in `nbs/08_sweep.ipynb`."""
 import json, os, shutil, subprocess, sys, time, zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-from cluster_glip.cli import main
-from cluster_glip.config import TrainConfig, packaged_configs
-from cluster_glip.sweep import (TRAIN_FIELDS, SweepError, default_notebook, dry_run, ensure_synthetic_bundle, expand,
-                                load_sweep, notebook_parameters, papermill_params, run_config, run_sweep, validate_points)
+from cluster_glip.sweep import ensure_synthetic_bundle, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ('strategy', 'mask_ratio', 'glip_sigma', 'anchor_ratio', 'normalization', 'fusion', 'threshold_budget',
-             'unmasked_tuning', 'cpu_mini')
-
-
-def test_every_ablation_of_spec_9_ships_and_every_point_validates():
-    assert set(ABLATIONS) <= set(packaged_configs('sweep'))
-    for name in packaged_configs('sweep'):
-        spec = load_sweep(name)
-        rows = dry_run(spec)
-        assert len(rows) == len(expand(spec)) >= 3, name
-        assert spec.get('description') and isinstance(spec.get('paper'), dict), f'{name}: needs a description and a paper key'
-    strategies = {r['masking']['strategy'] for r in dry_run('strategy')}
-    assert strategies == {'none', 'random', 'gaussian', 'cluster', 'kmeans', 'attention'}
-    assert {r['image_size'] for r in dry_run('strategy')} == {None, 160, 112, 64}
-    assert {r['masking']['ratio'] for r in dry_run('mask_ratio')} == {0.5, 0.75, 0.9, 0.918}
-    assert {r['masking']['normalize'] for r in dry_run('normalization')} == {'patch', 'none', 'image'}
-    assert {(r['masking']['features'], r['masking'].get('fusion')) for r in dry_run('fusion')} >= {('rgb', None), ('embed', None), ('fused', 'linear'), ('fused', 'cbrt')}
-    assert {r['tune_epochs'] for r in dry_run('unmasked_tuning')} == {None, 1.0}
-
-
-def test_paper_numbers_name_points_of_their_sweep():
-    "Every published row names a variant (or axis value) the sweep has, so the results page can set it beside ours."
-    for name in packaged_configs('sweep'):
-        spec, points = load_sweep(name), expand(name)
-        for row in spec['paper'].get('rows', []):
-            labels = {k: v for k, v in row.items() if k in points[0].labels}
-            assert labels, f'{name}: paper row {row} names no axis of the sweep'
-            if name != 'mask_ratio' or row.get('variant') != 'clip':   # the CLIP reference row has no point there
-                assert any(all(p.labels.get(k) == v for k, v in labels.items()) for p in points), f'{name}: {row}'
-
-
-def test_a_bad_point_fails_validation_with_its_name():
-    spec = load_sweep('cpu_mini')
-    spec['grid'] = {'masking.ratio': [0.5, 1.5]}
-    with pytest.raises(SweepError, match='ratio=1.5'): dry_run(spec)
 
 
 SMALL = dict(n_train=256, image_size=32, shard_size=128, n_zeroshot=48, n_retrieval=16, n_sugarcrepe=4, processes=1)
@@ -107,41 +70,6 @@ def test_finished_points_are_skipped(swept):
     again = run_sweep(spec, root=root, cwd=ROOT, only='flip|cluster')   # both finished: nothing runs
     assert time.perf_counter() - start < 5 and (root/'two'/'flip'/'done').stat().st_mtime_ns == marker
     assert again == [r for r in rows if r['point'] != 'bad']
-
-
-# -- one vocabulary -----------------------------------------------------------------------------------------------------
-
-def executed_parameters(parameters: dict) -> dict:
-    "The pre-training notebook's parameters as papermill sets them: its `parameters` and injected cells, executed."
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
-    scope = {}
-    for cell in parameterize_notebook(load_notebook_node(str(default_notebook())), parameters).cells:
-        if {'parameters', 'injected-parameters'} & set(cell.metadata.get('tags', [])): exec(cell.source, scope)
-    return scope
-
-
-def test_one_run_three_ways_is_one_config(capsys):
-    "CLI `--set masking.ratio=0.75`, a sweep axis `masking.ratio` and the notebook's `fields` parameter: one TrainConfig."
-    main(['train', '--config', 'tiny', '--set', 'masking.ratio=0.75', '--set', 'resume=latest', '--dry_run'])
-    from_cli = TrainConfig(**yaml.safe_load(capsys.readouterr().out))
-    axis = {'name': 'three_ways', 'base': {'config': 'tiny', 'synthetic_root': None}, 'grid': {'masking.ratio': [0.75]}}
-    from_sweep, = validate_points(expand(axis), default_notebook())
-    scope = executed_parameters({'fields': {'masking.ratio': 0.75}, 'synthetic_root': None})
-    from_papermill = run_config(scope['config'], scope['fields'])
-    assert from_cli == from_sweep == from_papermill
-    assert from_cli.masking == {'strategy': 'cluster', 'ratio': 0.75} and from_cli.output_dir == 'runs/tiny'
-
-
-def test_notebook_parameters_are_config_and_fields_plus_a_few_others():
-    "The notebook's training parameters are `config` and `fields` (TrainConfig paths); no other parameter shadows a field."
-    params = notebook_parameters(default_notebook())
-    assert {'config', 'fields'} <= set(params) and not set(params) & set(TRAIN_FIELDS)
-    assert len(params) <= 12 and not {'out_dir', 'overrides'} & set(params)
-    point = expand({'name': 's', 'base': {'config': 'tiny', 'output_dir': 'runs/x', 'precision': 'fp32', 'eval_suite': None},
-                    'grid': {'masking.ratio': [0.5]}})[0]
-    assert papermill_params(point.params) == {'config': 'tiny', 'eval_suite': None,
-                                              'fields': {'output_dir': 'runs/x', 'precision': 'fp32', 'masking': {'ratio': 0.5}}}
 
 
 # -- a sweep from a wheel install ---------------------------------------------------------------------------------------
