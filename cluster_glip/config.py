@@ -9,7 +9,7 @@ __all__ = ['Precision', 'LOADER_OPTIONS', 'CONFIG_FOLDERS', 'AUTOCAST_DTYPES', '
            'find_config', 'open_clip_precision']
 
 # %% ../nbs/05_config.ipynb #7d7e168c
-import dataclasses, difflib, importlib, importlib.resources, inspect, re, types, typing
+import dataclasses, difflib, importlib, importlib.resources, inspect, math, re, types, typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union, get_args, get_origin
@@ -107,6 +107,8 @@ def _type_name(tp) -> str:
 
 def _check_type(name: str, value, tp):
     "`value` as field `name` of type `tp` wants it (int -> float only), or a ConfigError naming the field."
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f'config field {name!r} must be a finite number, got {value!r}')
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         for arm in get_args(tp):
@@ -158,6 +160,21 @@ def resolve_callable(spec: str):
 LOADER_OPTIONS = tuple(p for p in inspect.signature(train_loader).parameters
                        if p not in ('urls', 'batch_size', 'image_size', 'num_samples', 'rank', 'world_size', 'workers', 'seed', 'epoch'))
 
+def _check_model_fit(cfg: 'TrainConfig'):
+    "The image sizes are whole numbers of the model's patches; `device` is a device name."
+    patch = model_patch_size(cfg.model)
+    for name in ('image_size', 'tune_image_size'):
+        size = getattr(cfg, name)
+        if size is not None and size % patch:
+            lower = max(patch, size - size % patch)
+            raise ConfigError(f'config field {name!r} must be a multiple of the patch size {patch} of {cfg.model!r}, '
+                              f'got {size}: use {lower} or {lower + patch}')
+    if cfg.device is not None:
+        try: torch.device(cfg.device)
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"config field 'device' must be a torch device ('cpu', 'cuda', 'cuda:1', 'mps'), "
+                              f'got {cfg.device!r}') from None
+
 def validate_config(cfg: 'TrainConfig'):
     "Check every field's type and range and the fields' consistency; raise a ConfigError naming the field."
     hints = typing.get_type_hints(type(cfg))
@@ -177,6 +194,7 @@ def validate_config(cfg: 'TrainConfig'):
     if cfg.resume not in (None, 'latest') and not Path(cfg.resume).is_file():
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)
+    _check_model_fit(cfg)
 
 # %% ../nbs/05_config.ipynb #8574c518
 class _YamlLoader(yaml.SafeLoader): "SafeLoader that also reads exponent floats without a dot (`1e-4`) as floats."
@@ -200,11 +218,18 @@ def merge_config_dicts(base: dict, over: dict) -> dict:
     return out
 
 # %% ../nbs/05_config.ipynb #bb349cdb
+def _yaml_error(e: yaml.YAMLError, where: str) -> ConfigError:
+    "A YAML syntax error as one line: where (a file and line, or an override's field) and what the parser found."
+    mark = getattr(e, 'problem_mark', None)
+    line = f', line {mark.line + 1}, column {mark.column + 1}' if mark is not None and not where.startswith('config field') else ''
+    return ConfigError(f'{where}{line}: not valid YAML ({getattr(e, "problem", None) or e})')
+
 def read_config_file(name: str | Path, relative_to: Path | None = None, _chain: tuple = ()) -> dict:
     "The fields a YAML preset sets, its `base:` chain resolved."
     path = find_config(name, 'train', relative_to).resolve()
     if path in _chain: raise ConfigError(f'config {path} is its own base (through {[str(p) for p in _chain]})')
-    data = parse_yaml(path.read_text()) or {}
+    try: data = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e: raise _yaml_error(e, f'config {path}') from None
     if not isinstance(data, dict): raise ConfigError(f'config {path} must be a mapping of fields, got {type(data).__name__}')
     base = data.pop('base', None)
     return merge_config_dicts(read_config_file(base, path.parent, _chain + (path,)), data) if base else data
@@ -213,7 +238,8 @@ def parse_override(text: str) -> dict:
     "'masking.ratio=0.5' -> {'masking': {'ratio': 0.5}} (the value is YAML)."
     name, eq, value = text.partition('=')
     if not eq or not name.strip(): raise ConfigError(f"an override must look like field=value, got {text!r}")
-    out = parse_yaml(value) if value.strip() else None
+    try: out = parse_yaml(value) if value.strip() else None
+    except yaml.YAMLError as e: raise _yaml_error(e, f'config field {name.strip()!r} in override {text!r}') from None
     for part in reversed(name.strip().split('.')): out = {part: out}
     return out
 

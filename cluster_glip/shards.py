@@ -9,7 +9,7 @@ __all__ = ['SKIP_REASONS', 'CONVERSIONS', 'write_shard_index', 'shard_pattern', 
            'folder_to_shards', 'loader_throughput']
 
 # %% ../nbs/03_shards.ipynb #13895bc7
-import csv, hashlib, io, json, math, os, random, time
+import csv, hashlib, io, json, math, os, random, tarfile, time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +179,8 @@ def eval_transform(image_size: int):
     return open_clip.image_transform(image_size, is_train=False)
 
 # %% ../nbs/03_shards.ipynb #89bd0bbc
-SKIP_REASONS = ('missing_shard', 'corrupt_shard', 'missing_image', 'missing_caption', 'empty_caption', 'corrupt_image')
+SKIP_REASONS = ('missing_shard', 'empty_shard', 'not_a_tar', 'corrupt_shard', 'duplicate_key', 'missing_image',
+                'missing_caption', 'empty_caption', 'corrupt_image')
 CONVERSIONS = ('bad_text', 'converted_mode', 'small_image')
 
 
@@ -215,9 +216,19 @@ def data_counts(counts: dict) -> dict:
             **{f'data_{reason}': n for reason, n in counts.items() if n}}
 
 # %% ../nbs/03_shards.ipynb #39ae1e67
-def iter_shard(url: str, counts: Counter):
-    "Raw samples (`{'__key__', '__url__', ext: bytes}`) of one tar shard in file order; read faults go to `counts`."
-    try: stream = wds.gopen(url)
+class _CountingReader:
+    "A stream that counts the bytes read from it: a shard that gave none is empty."
+    def __init__(self, stream): self.stream, self.bytes = stream, 0
+    def read(self, *args):
+        data = self.stream.read(*args)
+        self.bytes += len(data)
+        return data
+    def close(self): self.stream.close()
+
+
+def _tar_samples(url: str, counts: Counter):
+    "Raw samples (`{'__key__', '__url__', ext: bytes}`) of one tar shard in file order; shard faults go to `counts`."
+    try: stream = _CountingReader(wds.gopen(url))
     except Exception:
         counts['missing_shard'] += 1
         return
@@ -232,12 +243,40 @@ def iter_shard(url: str, counts: Counter):
                 if sample is not None: yield sample
                 sample = {'__key__': key, '__url__': url}
             sample[ext] = file['data']
+        if files == 0: counts['empty_shard'] += 1  # a valid tar without members
     except Exception:  # not a tar, or cut short: keep what was read, count the shard
-        counts['missing_shard' if files == 0 else 'corrupt_shard'] += 1
+        counts['corrupt_shard' if files else 'not_a_tar' if stream.bytes else 'empty_shard'] += 1
     finally:
         try: stream.close()
         except Exception: pass
     if sample is not None: yield sample
+
+# %% ../nbs/03_shards.ipynb #41e12cfe
+def iter_shard(url: str, counts: Counter, seen: set | None = None, part: int = 0, parts: int = 1):
+    """The raw samples of one tar shard in file order, faults counted in `counts`. A key already in `seen` (the keys read
+    so far in this shard, or in the whole pass when the caller passes its set) is a `duplicate_key`, skipped. A shard
+    shared by `parts` readers gives reader `part` every `parts`-th sample from its `part`-th; part 0 counts the faults."""
+    seen = set() if seen is None else seen
+    counts = counts if part == 0 else Counter()
+    kept = 0
+    for sample in _tar_samples(url, counts):
+        if sample['__key__'] in seen:
+            counts['duplicate_key'] += 1
+            continue
+        seen.add(sample['__key__'])
+        if kept % parts == part: yield sample
+        kept += 1
+
+# %% ../nbs/03_shards.ipynb #4a3dfa03
+def _shard_fault(url: str) -> str | None:
+    "Why a local shard cannot serve one sample (`missing_shard`, `empty_shard`, `not_a_tar`); None if it can, or is remote."
+    if '://' in url or url.startswith('pipe:'): return None
+    if not os.path.isfile(url): return 'missing_shard'
+    if os.path.getsize(url) == 0: return 'empty_shard'
+    try:
+        with tarfile.open(url, 'r|*') as tar: first = tar.next()
+    except Exception: return 'not_a_tar'
+    return None if first is not None else 'empty_shard'
 
 # %% ../nbs/03_shards.ipynb #47284ae7
 class ShardStream(IterableDataset):
@@ -255,15 +294,32 @@ class ShardStream(IterableDataset):
         self.worker_batches = int(num_samples) // (self.batch_size * self.readers)
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, first batch), read by workers
 
-    def reader_shards(self, epoch: int, reader: int) -> list:
-        "The shards reader `reader` reads in `epoch` (exact mode): the epoch's shard shuffle, dealt round-robin."
+    def deal(self, epoch: int, reader: int, counts: Counter | None = None) -> tuple:
+        """`(shards, part, parts)` reader `reader` reads in `epoch` (exact mode): the epoch's shard shuffle, bad local
+        shards left out (counted in `counts` by the reader of the plain deal), dealt round-robin; with fewer good shards
+        than readers, one shard shared by `parts` readers, of which this is number `part`."""
         order = list(self.shards)
         random.Random(seed_int(self.seed, epoch, 'shards')).shuffle(order)
-        return order[reader::self.readers]
+        faults = {url: _shard_fault(url) for url in order}
+        for url in order[reader::self.readers]:
+            if faults[url] and counts is not None: counts[faults[url]] += 1
+        good = [url for url in order if not faults[url]]
+        if len(good) >= self.readers: return good[reader::self.readers], 0, 1
+        if not good: return [], 0, 1
+        return [good[reader % len(good)]], reader // len(good), len(range(reader % len(good), self.readers, len(good)))
+
+    def reader_shards(self, epoch: int, reader: int) -> list:
+        "The shards reader `reader` reads in `epoch` (exact mode)."
+        return self.deal(epoch, reader)[0]
 
     def __iter__(self): return self._batches()  # the stages are defined one per cell below
 
 # %% ../nbs/03_shards.ipynb #83ff4a33
+def _pass_samples(shards: list, counts: Counter, part: int, parts: int):
+    "One pass over `shards`: their raw samples, a key read twice in the pass skipped as `duplicate_key`."
+    seen = set()
+    for url in shards: yield from iter_shard(url, counts, seen, part, parts)
+
 @patch
 def _passes(self: ShardStream, epoch: int, reader: int, counts: Counter):
     "Iterators of raw samples, one per pass over the reader's data (resampled mode: one endless pass)."
@@ -284,10 +340,10 @@ def _passes(self: ShardStream, epoch: int, reader: int, counts: Counter):
                                        "check the shard URLs")
         yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer')))(draws())
         return
-    shards = self.reader_shards(epoch, reader)
+    shards, part, parts = self.deal(epoch, reader, counts)
     for n in range(1 << 62):
         order = shards if n == 0 else random.Random(seed_int(self.seed, epoch, reader, 'pass', n)).sample(shards, len(shards))
-        raw = (sample for url in order for sample in iter_shard(url, counts))
+        raw = _pass_samples(order, counts, part, parts)
         yield wds.filters.shuffle(**buffer, rng=random.Random(seed_int(self.seed, epoch, reader, 'buffer', n)))(raw)
 
 # %% ../nbs/03_shards.ipynb #7b22d0fd
