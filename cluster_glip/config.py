@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['Precision', 'LOADER_OPTIONS', 'CONFIG_FOLDERS', 'AUTOCAST_DTYPES', 'OPEN_CLIP_PRECISIONS', 'TrainConfig',
-           'ConfigError', 'model_patch_size', 'make_masker', 'resolve_callable', 'validate_config', 'parse_yaml',
-           'merge_config_dicts', 'read_config_file', 'parse_override', 'load_config', 'configs_dir', 'packaged_configs',
-           'find_config', 'open_clip_precision']
+           'ConfigError', 'model_patch_size', 'make_masker', 'resolve_callable', 'validate_config', 'check_device',
+           'check_batches_fit', 'parse_yaml', 'merge_config_dicts', 'read_config_file', 'parse_override', 'load_config',
+           'configs_dir', 'packaged_configs', 'find_config', 'open_clip_precision']
 
 # %% ../nbs/05_config.ipynb #7d7e168c
 import dataclasses, difflib, importlib, importlib.resources, inspect, math, re, types, typing
@@ -20,7 +20,7 @@ import open_clip
 
 from .masking import PatchMasker
 import cluster_glip.model  # registers the package's tiny model configs with open_clip
-from .shards import train_loader
+from .shards import dataset_size, train_loader
 
 # %% ../nbs/05_config.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
@@ -195,6 +195,41 @@ def validate_config(cfg: 'TrainConfig'):
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)
     _check_model_fit(cfg)
+
+# %% ../nbs/05_config.ipynb #b18f1133
+def check_device(device: str | None, local_rank: int = 0):
+    "`device` exists on this machine (None: the trainer picks one that does); `local_rank` picks the GPU of 'cuda'."
+    if device is None: return
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"config field 'device' is {device!r} but CUDA is not available on this machine: "
+                              "use device: cpu, or leave it unset to take a GPU when there is one")
+        index = local_rank if dev.index is None else dev.index
+        if index >= count:
+            raise ConfigError(f"config field 'device' is {device!r} (CUDA device {index}) but this machine has {count} "
+                              f"(cuda:0 to cuda:{count - 1})")
+    elif dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise ConfigError(f"config field 'device' is {device!r} but MPS is not available on this machine")
+
+def check_batches_fit(cfg: 'TrainConfig', sources: list, world_size: int = 1):
+    """Every reader (`world_size` processes × loader workers) has a shard to read and can make a batch of each phase
+    from the training set's known size (`train_num_samples`, or the `sizes.json` of `sources`)."""
+    workers = max(1, cfg.workers)
+    readers, n_shards = world_size * workers, sum(len(s.shards) for s in sources)
+    if not cfg.data.get('resampled') and n_shards < readers:
+        raise ConfigError(f"config field 'workers': {n_shards} shards cannot feed {world_size} processes × {workers} "
+                          "workers in exact mode: use fewer workers or data: {resampled: true}")
+    samples = cfg.train_num_samples or dataset_size(sources)
+    if samples is None: return  # unknown here: the loader asks for train_num_samples
+    batches = [('batch_size', cfg.batch_size)]
+    if cfg.tune_steps or cfg.tune_epochs: batches.append(('tune_batch_size', cfg.tune_batch_size or cfg.batch_size))
+    for name, batch in batches:
+        if batch * readers > samples:
+            raise ConfigError(f"config field {name!r}: {batch} samples per batch × {readers} readers ({world_size} "
+                              f"processes × {workers} workers) need {batch * readers} samples, the training set has "
+                              f"{samples}: lower {name} or workers")
 
 # %% ../nbs/05_config.ipynb #8574c518
 class _YamlLoader(yaml.SafeLoader): "SafeLoader that also reads exponent floats without a dot (`1e-4`) as floats."

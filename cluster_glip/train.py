@@ -279,9 +279,11 @@ def _calibrate_at_start(model: nn.Module, images: torch.Tensor, seed: int, log):
     if threshold is not None: log.log({'event': 'calibration', 'step': 0, 'mask_threshold': threshold})
 
 # %% ../nbs/06_train.ipynb #1c62a56e
+from .config import check_batches_fit, check_device
+
 def preflight(cfg: TrainConfig):
-    """What only a run can check, before anything starts: every local training source has shards on disk and the
-    output folder is writable. Raises a ConfigError naming the field."""
+    """What only a run can check, before any file is written: every local training source has shards on disk, the
+    device exists, the batches fit in the data, and the output folder is writable. Raises a ConfigError naming the field."""
     try: sources = expand_sources(cfg.train_data)
     except ValueError as e: raise ConfigError(f"config field 'train_data': {e}") from None
     for source in sources:
@@ -289,6 +291,8 @@ def preflight(cfg: TrainConfig):
         if len(local) == len(source.shards) and not any(os.path.exists(s) for s in local):
             raise ConfigError(f"config field 'train_data': none of the {len(local)} shards exists ({local[0]}"
                               + (', ...)' if len(local) > 1 else ')'))
+    check_device(cfg.device, _env_int('LOCAL_RANK', 'SLURM_LOCALID', default=0))
+    check_batches_fit(cfg, sources, _env_int('WORLD_SIZE', 'SLURM_NTASKS', default=1))
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
