@@ -296,17 +296,21 @@ class ShardStream(IterableDataset):
 
     def deal(self, epoch: int, reader: int, counts: Counter | None = None) -> tuple:
         """`(shards, part, parts)` reader `reader` reads in `epoch` (exact mode): the epoch's shard shuffle, bad local
-        shards left out (counted in `counts` by the reader of the plain deal), dealt round-robin; with fewer good shards
-        than readers, one shard shared by `parts` readers, of which this is number `part`."""
+        shards left out (counted in `counts` by the reader of the plain deal), dealt round-robin (a shard listed twice:
+        both to one reader); with fewer good shards than readers, one shard shared by `parts` readers, this one `part`."""
         order = list(self.shards)
         random.Random(seed_int(self.seed, epoch, 'shards')).shuffle(order)
         faults = {url: _shard_fault(url) for url in order}
         for url in order[reader::self.readers]:
             if faults[url] and counts is not None: counts[faults[url]] += 1
         good = [url for url in order if not faults[url]]
-        if len(good) >= self.readers: return good[reader::self.readers], 0, 1
-        if not good: return [], 0, 1
-        return [good[reader % len(good)]], reader // len(good), len(range(reader % len(good), self.readers, len(good)))
+        unique = list(dict.fromkeys(good))  # a shard listed twice goes twice to one reader, which skips its repeated keys
+        if not unique: return [], 0, 1
+        if len(unique) >= self.readers: mine, part, parts = unique[reader::self.readers], 0, 1
+        else:
+            mine, part = [unique[reader % len(unique)]], reader // len(unique)
+            parts = len(range(reader % len(unique), self.readers, len(unique)))
+        return mine + [url for url in mine for _ in range(good.count(url) - 1)], part, parts
 
     def reader_shards(self, epoch: int, reader: int) -> list:
         "The shards reader `reader` reads in `epoch` (exact mode)."

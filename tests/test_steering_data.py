@@ -223,3 +223,19 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path, ledger):
     ledger.record('validation: YAML syntax error', named and override_named)
     assert named, message
     assert override_named, override
+
+
+def test_a_shard_listed_twice_with_two_workers_is_read_once_and_its_keys_counted(tmp_path, ledger):
+    expected = [c for k in range(4) for c in good_shard(tmp_path / f'{k:05d}.tar', k)]
+    shards = [str(tmp_path / f'{k:05d}.tar') for k in range(4)]
+    loader = train_loader([shards + shards[1:2]], batch_size=3, image_size=32, workers=2, seed=5, num_samples=24)
+    seen = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen.append(read_all(loader))
+    exact = all(sorted(s) == sorted(expected) for s in seen) and loader.repeated == 0
+    counted = nonzero(loader.skipped) == {'duplicate_key': 2 * 6}
+    ledger.record('shard list: a shard listed twice, 2 workers', exact and counted,
+                  sum(n - 1 for s in seen for n in Counter(s).values()))
+    assert exact, [Counter(s) - Counter(expected) for s in seen]
+    assert counted, loader.skipped
