@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['OPEN_CLIP_MAIN', 'OPEN_CLIP_LINE', 'ASSUMED_FEED', 'PRECISIONS', 'TIMING_NOTES', 'open_clip_args',
            'parse_open_clip_log', 'find_openclip_pythonpath', 'run_open_clip_trainer', 'run_our_trainer',
-           'open_clip_step_fn', 'compare_with_open_clip', 'workers_needed', 'assumed_steps_per_s', 'measure_feeding',
-           'format_report', 'plot_results', 'write_bench_results', 'bench_shards', 'first_batch', 'run_bench',
-           'bench_cli']
+           'open_clip_step_fn', 'compare_with_open_clip', 'loader_throughput', 'workers_needed', 'assumed_steps_per_s',
+           'measure_feeding', 'format_report', 'plot_results', 'write_bench_results', 'bench_shards', 'first_batch',
+           'run_bench', 'bench_cli']
 
 # %% ../nbs/09a_compare.ipynb #1abe96de
 import json, math, os, re, shutil, statistics, subprocess, sys, tempfile, time
@@ -24,7 +24,7 @@ from .bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, _fmt, add_ratios, ch
                                 comparison_table, machine_info, measure_settings, model_geometry, package_version,
                                 paired_speedup, parse_setting, patch_dropout_of, settings_table, split_settings)
 from .config import OPEN_CLIP_PRECISIONS, load_config, open_clip_precision
-from .shards import loader_throughput, train_loader
+from .shards import train_loader
 from .synthetic import SynthConfig, write_synthetic_shards
 from .model import forward_gflops
 from .step import make_optimizer, make_scaler
@@ -197,6 +197,22 @@ def compare_with_open_clip(model: str, shards: str, settings, rows: list[dict], 
                                          work=work, seed=seed, pythonpath=pythonpath, threads=threads)
         out.append(_comparison_row(s, ours, theirs, by_label.get(s.label, {}), batch, trainer_warmup))
     return out
+
+# %% ../nbs/09a_compare.ipynb #cda7c7e6
+def loader_throughput(urls, *, image_size: int = 224, batch_size: int = 64, n_batches: int = 20, warmup: int = 2,
+                      workers: int = 1, scale=(0.9, 1.0), seed: int = 0) -> dict:
+    "Samples per second (and per worker) that `train_loader` delivers, timed over `n_batches` after `warmup` batches."
+    per_worker = math.ceil((warmup + n_batches) / max(1, workers)) + 1
+    loader = train_loader(urls, batch_size=batch_size, image_size=image_size, resampled=True, workers=workers, seed=seed,
+                          num_samples=per_worker * batch_size * max(1, workers), scale=scale)
+    batches = iter(loader)
+    for _ in range(warmup): next(batches)
+    start, samples = time.perf_counter(), 0
+    for _ in range(n_batches): samples += len(next(batches)[0])
+    seconds = time.perf_counter() - start
+    del batches, loader
+    return dict(samples_per_s=samples / seconds, samples_per_s_per_worker=samples / seconds / max(1, workers),
+                workers=workers, batch_size=batch_size, image_size=image_size, batches=n_batches, seconds=seconds)
 
 # %% ../nbs/09a_compare.ipynb #fb383459
 ASSUMED_FEED = dict(mfu=0.4, peak_tflops=989.0, gpu='H100 SXM, bf16 dense')   # the default steps/s assumption without a GPU

@@ -6,10 +6,10 @@
 __all__ = ['SKIP_REASONS', 'CONVERSIONS', 'write_shard_index', 'shard_pattern', 'seed_int', 'Source', 'expand_sources',
            'shard_sizes', 'dataset_size', 'RandomResizedCrop', 'normalize_pixels', 'to_rgb', 'train_transform',
            'eval_transform', 'decode_sample', 'data_counts', 'iter_shard', 'ShardStream', 'TrainLoader', 'train_loader',
-           'folder_to_shards', 'loader_throughput']
+           'folder_to_shards']
 
 # %% ../nbs/03_shards.ipynb #13895bc7
-import csv, hashlib, io, json, math, os, random, tarfile, time
+import csv, hashlib, io, json, math, os, random, tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
-from .formats import IMAGE_EXTENSIONS, WDS_IMAGE_EXTENSIONS, image_bytes, write_tar
+from .formats import WDS_IMAGE_EXTENSIONS, image_bytes, write_tar
 
 # %% ../nbs/03_shards.ipynb #bbca89cb
 def write_shard_index(folder, sizes: dict, name: str = 'train'):
@@ -550,19 +550,3 @@ def folder_to_shards(images, captions, out, *, image_column: str = 'image', capt
     if not sizes: raise ValueError(f"no usable image–caption pair in {captions} ({skipped})")
     write_shard_index(out, sizes)
     return dict(shards=shard_pattern(out, len(sizes)), num_samples=sum(sizes.values()), skipped=skipped)
-
-# %% ../nbs/03_shards.ipynb #cda7c7e6
-def loader_throughput(urls, *, image_size: int = 224, batch_size: int = 64, n_batches: int = 20, warmup: int = 2,
-                      workers: int = 1, scale=(0.9, 1.0), seed: int = 0) -> dict:
-    "Samples per second (and per worker) that `train_loader` delivers, timed over `n_batches` after `warmup` batches."
-    per_worker = math.ceil((warmup + n_batches) / max(1, workers)) + 1
-    loader = train_loader(urls, batch_size=batch_size, image_size=image_size, resampled=True, workers=workers, seed=seed,
-                          num_samples=per_worker * batch_size * max(1, workers), scale=scale)
-    batches = iter(loader)
-    for _ in range(warmup): next(batches)
-    start, samples = time.perf_counter(), 0
-    for _ in range(n_batches): samples += len(next(batches)[0])
-    seconds = time.perf_counter() - start
-    del batches, loader
-    return dict(samples_per_s=samples / seconds, samples_per_s_per_worker=samples / seconds / max(1, workers),
-                workers=workers, batch_size=batch_size, image_size=image_size, batches=n_batches, seconds=seconds)

@@ -21,7 +21,7 @@ WDS_0286 = Path('/tmp/wds0286')
 
 OURS = r'''
 import json, sys
-from cluster_glip.shards import loader_throughput
+from cluster_glip.compare import loader_throughput
 shards, image_size, batch_size, n_batches, warmup = json.loads(sys.argv[1])
 print(json.dumps(loader_throughput(shards, image_size=image_size, batch_size=batch_size, n_batches=n_batches,
                                    warmup=warmup, workers=1)))
