@@ -213,7 +213,10 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = _whole_records(self.path, resume_step) if resume_step is not None and self.path.exists() else []
         tmp = self.path.with_name(f'.{self.path.name}.{os.getpid()}.tmp')
-        tmp.write_text(''.join(l + '\n' for l in kept)); os.replace(tmp, self.path)  # a fresh run: a fresh file
+        try: tmp.write_text(''.join(l + '\n' for l in kept)); os.replace(tmp, self.path)  # a fresh run: a fresh file
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _write_failed(e, tmp) from None
         if SummaryWriter is not None: self.tb = SummaryWriter(str(Path(folder)/'tensorboard'), purge_step=resume_step)
 
     def log(self, record: dict):
@@ -451,9 +454,9 @@ def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunSt
 
 # %% ../nbs/06_train.ipynb #ef10ba8b
 def _nonfinite_weights(model: nn.Module) -> list[str]:
-    "The names of the model's floating-point tensors holding a NaN or an infinity (one host sync for all of them)."
-    named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
-    finite = torch.stack([t.isfinite().all() for _, t in named]).tolist()
+    "The names of the model's floating-point parameters holding a NaN or an infinity (one host sync for all of them)."
+    named = [(name, p.detach()) for name, p in model.named_parameters() if p.is_floating_point()]
+    finite = torch.stack([p.isfinite().all() for _, p in named]).tolist()
     return [name for (name, _), ok in zip(named, finite) if not ok]
 
 # %% ../nbs/06_train.ipynb #b8d7121c
