@@ -423,7 +423,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, device: str |
     if pretrained and not Path(pretrained).is_file():
         raise FileNotFoundError(f'checkpoint not found: {pretrained} (give the path of a .pt/.bin/.safetensors file)')
     if pretrained and Path(pretrained).suffix not in ('.safetensors', '.npz', '.npy'):
-        load_checkpoint(pretrained)                  # a CheckpointError if unpickling it could run code
+        load_checkpoint(pretrained)   # a CheckpointError: empty, truncated, not a checkpoint, or code inside
     if not masking: return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
     masker = make_masker(types.SimpleNamespace(model=name, masking=masking))   # switched on per masked task
     return create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
