@@ -343,7 +343,7 @@ def _check_data(suite: dict, root: Path):
     if not missing: return
     skip = 'or pass --skip_missing (skip_missing=True) to report missing sets and evaluate the rest'
     if not root.exists():
-        raise MissingDataset(f"suite {suite['name']!r}: its root {root} does not exist ({len(missing)} data paths under it); "
+        raise MissingDataset(f"suite {suite['name']!r}: its root {root} does not exist (the folder of its {len(suite['tasks'])} entries); "
                              f'give the folder that holds its data with --root DIR (root=..., or ${ROOT_VARIABLE}), {skip}')
     shown = '; '.join(missing[:5]) + (f'; and {len(missing) - 5} more' if len(missing) > 5 else '')
     raise MissingDataset(f"suite {suite['name']!r}: {len(missing)} data path(s) missing under {root}: {shown}; download "
