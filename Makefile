@@ -9,7 +9,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: install test check-sync nbtest pytest demo gallery clean-nbs docs
+.PHONY: install test check-sync nbtest pytest demo gallery clean-nbs docs preview
 
 $(STAMP): setup.py settings.ini $(CONSTRAINTS)
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -62,3 +62,8 @@ clean-nbs: install
 # Needs Quarto (the GitHub deploy workflow has it); not available on the CPU development machines.
 docs: install
 	$(BIN)/nbdev_docs
+
+# The docs without Quarto: every notebook rendered to HTML with nbconvert in _preview/ (git ignores it); open
+# _preview/index.html. The published site is still Quarto's (`make docs`, the GitHub workflow).
+preview: install
+	$(PY) devtools/preview.py --out _preview

@@ -6,8 +6,9 @@
 __all__ = ['SUGARCREPE_GROUPS', 'TASKS', 'ROOT_VARIABLE', 'RUNNERS', 'ROW_FIELDS', 'topk_accuracy', 'mean_per_class_recall',
            'classification_metrics', 'retrieval_metrics', 'caption_preference', 'sugarcrepe_summary', 'image_features',
            'zeroshot_classification', 'zeroshot_retrieval', 'probe_metrics', 'linear_probe', 'sugarcrepe', 'load_suite',
-           'suite_root', 'model_fingerprint', 'run_entry', 'evaluate_suite', 'summarize', 'chance_levels',
-           'against_chance', 'suite_metrics', 'load_model', 'format_rows', 'parse_masking', 'eval_cli']
+           'suite_root', 'model_fingerprint', 'run_entry', 'missing_data', 'evaluate_suite', 'summarize',
+           'chance_levels', 'against_chance', 'suite_metrics', 'checkpoint_model', 'load_model', 'format_rows',
+           'parse_masking', 'eval_cli']
 
 # %% ../nbs/07_evaluate.ipynb #d077bbfb
 import hashlib, json, math, os, time, types, warnings
@@ -329,17 +330,37 @@ def _passes(masked) -> list[bool]:
     if masked in (True, False, None): return [bool(masked)]
     raise ValueError(f"masked must be True, False or 'both', got {masked!r}")
 
+# %% ../nbs/07_evaluate.ipynb #00086746
+def missing_data(suite: dict, root: Path) -> list[str]:
+    "`'<dataset> (<task>): <path>'` for each data path of `suite` (`path`, `annotations`, `images`) not on disk under `root`."
+    return [f"{entry['dataset']} ({entry['task']}): {path}" for entry in suite['tasks']
+            for key in ('path', 'annotations', 'images') if key in entry
+            for path in [_path(root, entry[key])] if not path.exists()]
+
+def _check_data(suite: dict, root: Path):
+    "Raise `MissingDataset` naming the suite's root when that folder does not exist, else the data paths that are missing."
+    missing = missing_data(suite, root)
+    if not missing: return
+    skip = 'or pass --skip_missing (skip_missing=True) to report missing sets and evaluate the rest'
+    if not root.exists():
+        raise MissingDataset(f"suite {suite['name']!r}: its root {root} does not exist (the folder of its {len(suite['tasks'])} entries); "
+                             f'give the folder that holds its data with --root DIR (root=..., or ${ROOT_VARIABLE}), {skip}')
+    shown = '; '.join(missing[:5]) + (f'; and {len(missing) - 5} more' if len(missing) > 5 else '')
+    raise MissingDataset(f"suite {suite['name']!r}: {len(missing)} data path(s) missing under {root}: {shown}; download "
+                         f'them (the suite file says from where), {skip}')
+
 # %% ../nbs/07_evaluate.ipynb #6313d133
 def evaluate_suite(model: nn.Module, suite: str | Path | dict, *, root: str | Path | None = None,
                    checkpoint: str | None = None, tokenizer: Callable | None = None, transform: Callable | None = None,
                    masked: bool | str | None = None, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
                    amp: bool = True, feature_cache: str | Path | None = None, out: str | Path | None = None,
-                   progress: bool = True) -> list[dict]:
-    "Evaluate `model` on every entry of `suite`: one flat row per (checkpoint, task, dataset, masked); missing sets skipped."
+                   progress: bool = True, skip_missing: bool = False) -> list[dict]:
+    "Evaluate `model` on every entry of `suite`: one row per (checkpoint, task, dataset, masked); missing data raise."
     suite = load_suite(suite)
     root, masker = suite_root(suite, root), masker_of(model)
     if masked in (True, 'both') and masker is None:
         with masked_inference(model): pass                          # raises the error that says what to do
+    if not skip_missing: _check_data(suite, root)                   # before anything runs
     tokenizer = tokenizer or model_tokenizer(model)
     transform = transform or model_transform(model)
     common = dict(batch_size=batch_size, num_workers=num_workers, seed=seed, amp=amp, progress=progress)
@@ -359,6 +380,7 @@ def evaluate_suite(model: nn.Module, suite: str | Path | dict, *, root: str | Pa
             try: row.update(status='ok', **run_entry(model, entry, root, tokenizer=tokenizer, transform=transform,
                                                       feature_cache=feature_cache, masked=m, **common))
             except MissingDataset as e:
+                if not skip_missing: raise
                 row.update(status='missing', reason=str(e))
                 (bar.write if progress else warnings.warn)(f"skipped {entry['task']} {entry['dataset']}: {e}")
         row['seconds'] = round(time.perf_counter() - start, 3)
@@ -414,16 +436,35 @@ def suite_metrics(model: nn.Module, suite: str | Path | dict = 'synthetic', *, p
     return {f"{r['dataset']}{'/masked' if r['masked'] else ''}/{key}": value for r in rows if r['status'] == 'ok'
             for key, value in r.items() if key not in ROW_FIELDS and isinstance(value, (int, float))}
 
+# %% ../nbs/07_evaluate.ipynb #f0cae388
+_UNPICKLED = ('.safetensors', '.npz', '.npy')   # formats open_clip reads without unpickling (and that record no model)
+
+def checkpoint_model(checkpoint: str | Path | None, name: str | None = None) -> str:
+    "The architecture to build for `checkpoint`: `name` when given (it must agree with the checkpoint), else its record."
+    recorded = None
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f'checkpoint not found: {checkpoint} (give the path of a .pt/.bin/.safetensors file)')
+        if Path(checkpoint).suffix not in _UNPICKLED:
+            state = load_checkpoint(checkpoint)          # a CheckpointError: empty, truncated, not a checkpoint, code inside
+            config = state.get('config') if isinstance(state, dict) else None
+            recorded = state.get('model_name') or (config.get('model') if isinstance(config, dict) else None)
+    if name and recorded and name != recorded:
+        raise ValueError(f'{checkpoint} holds a {recorded!r} model, not {name!r}: leave the model name out (--model) to '
+                         'use the one the checkpoint records')
+    if name or recorded: return name or recorded
+    if checkpoint:
+        raise ValueError(f'{checkpoint} does not record its architecture (a stock open_clip checkpoint): name it, '
+                         "e.g. --model ViT-B-16 (load_model('ViT-B-16', checkpoint))")
+    raise ValueError('no model: name an open_clip architecture (--model ViT-B-16) or give a checkpoint that records one')
+
 # %% ../nbs/07_evaluate.ipynb #54564443
-def load_model(name: str, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
+def load_model(name: str | None = None, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
                precision: str = 'fp32', masking: dict | None = None) -> nn.Module:
-    "open_clip's architecture `name` with weights from `checkpoint` (None: random init), in eval mode; masking as `masking` says."
+    "open_clip's architecture `name` (None: the one `checkpoint` records) with weights from `checkpoint` (None: random init)."
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    name = checkpoint_model(checkpoint, name)         # also refuses a missing file, or one whose unpickling runs code
     pretrained = str(checkpoint) if checkpoint else None
-    if pretrained and not Path(pretrained).is_file():
-        raise FileNotFoundError(f'checkpoint not found: {pretrained} (give the path of a .pt/.bin/.safetensors file)')
-    if pretrained and Path(pretrained).suffix not in ('.safetensors', '.npz', '.npy'):
-        load_checkpoint(pretrained)   # a CheckpointError: empty, truncated, not a checkpoint, or code inside
     if not masking: return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
     masker = make_masker(types.SimpleNamespace(model=name, masking=masking))   # switched on per masked task
     return create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
@@ -458,7 +499,7 @@ def parse_masking(overrides: Sequence[str] = ()) -> dict | None:
 # %% ../nbs/07_evaluate.ipynb #b4d8ac2f
 @call_parse
 def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkpoint, ours or stock); omit for random weights
-             model: str = 'ViT-B-16',    # open_clip model config name, e.g. ViT-B-16
+             model: str = None,          # open_clip model config name, e.g. ViT-B-16 (default: what the checkpoint records)
              suite: str = 'synthetic',   # a shipped suite name (cluster_paper, glip, synthetic) or a YAML file
              out: str = None,            # JSON-lines file the rows are appended to
              masked: bool = False,       # evaluate every entry with masked inference (needs --set masking.strategy=...)
@@ -470,18 +511,21 @@ def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkp
              workers: int = 4,           # DataLoader worker processes
              seed: int = 0,              # seed for probes and masked inference
              feature_cache: str = None,  # folder to cache linear-probe features in
-             no_amp: bool = False):      # run the towers in full precision on a GPU instead of fp16 autocast
+             no_amp: bool = False,       # run the towers in full precision on a GPU instead of fp16 autocast
+             skip_missing: bool = False):  # report sets that are not on disk as 'missing' rows instead of stopping
     "Evaluate a checkpoint on an evaluation suite; one JSON row per (task, dataset)."
     try:
         masking = parse_masking(set or [])
         if masked and not (masking or {}).get('strategy'):
             raise SystemExit('cluster_glip eval: --masked needs --set masking.strategy=S (and --set masking.ratio=R): '
                              'the masking to evaluate with')
+        model = checkpoint_model(checkpoint, model)
         net = load_model(model, checkpoint, device=device, masking=masking)
+        rows = evaluate_suite(net, suite, root=root, checkpoint=checkpoint or f'{model} (random init)',
+                              tokenizer=model_tokenizer(net, model), masked=True if masked else None, batch_size=batch_size,
+                              num_workers=workers, seed=seed, amp=not no_amp, feature_cache=feature_cache, out=out,
+                              skip_missing=skip_missing)
     except (ValueError, FileNotFoundError) as e: raise SystemExit(f'cluster_glip eval: {e}') from None
-    rows = evaluate_suite(net, suite, root=root, checkpoint=checkpoint or f'{model} (random init)',
-                          tokenizer=model_tokenizer(net, model), masked=True if masked else None, batch_size=batch_size,
-                          num_workers=workers, seed=seed, amp=not no_amp, feature_cache=feature_cache, out=out)
     print(format_rows(rows))
     for summary in summarize(rows):
         print(f"zero-shot mean top-1 over {summary['n_zeroshot_sets']} sets"

@@ -5,7 +5,8 @@ The agreement checks with LAION-AI/CLIP_benchmark and RAIVNLab/sugar-crepe (thei
 chance levels on small fixtures, the readers and the suite behaviour are examples in the notebooks, next to what they
 check: `nbs/07_evaluate.ipynb`, `nbs/07b_probe.ipynb`, `nbs/02_formats.ipynb`.
 """
-import json, math, warnings
+import json, math, os, subprocess, sys, warnings
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -135,7 +136,7 @@ def test_eval_cli_on_a_stock_open_clip_checkpoint(tmp_path, classification_root,
         {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name},
         {'task': 'zeroshot_classification', 'dataset': 'elsewhere', 'path': 'not_here'}]}))
     run_cli(['--checkpoint', str(tmp_path / 'plain.pt'), '--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'),
-             '--out', str(tmp_path / 'rows.jsonl'), '--device', 'cpu', '--workers', '0', '--batch_size', '25'])
+             '--out', str(tmp_path / 'rows.jsonl'), '--device', 'cpu', '--workers', '0', '--batch_size', '25', '--skip_missing'])
     rows = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
     assert [(r['dataset'], r['status']) for r in rows] == [('nouns', 'ok'), ('elsewhere', 'missing')]
     assert rows[0]['checkpoint'] == str(tmp_path / 'plain.pt') and rows[0]['suite'] == 'suite'
@@ -191,6 +192,65 @@ def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path
     stock = [json.loads(line) for line in (tmp_path / 'stock.jsonl').read_text().splitlines()]
     assert [(r['masked'], r['status']) for r in stock] == [(False, 'ok'), (True, 'skipped'), (False, 'ok')]
     assert type(ev.load_model('tiny-vit-32', tmp_path / 'ours.pt', device='cpu')) is open_clip.CLIP
+
+
+def test_eval_cli_takes_the_architecture_from_a_cluster_glip_checkpoint(tmp_path, classification_root):
+    "Our checkpoints record their model (`model_name`, `config['model']`): no --model needed, a contradicting one refused."
+    from cluster_glip.model import create_model
+    net = create_model('tiny-vit-32')
+    torch.save({'step': 2, 'model_name': 'tiny-vit-32', 'config': {'model': 'tiny-vit-32'}, 'state_dict': net.state_dict()},
+               tmp_path / 'step_00000002.pt')
+    torch.save({'step': 2, 'config': {'model': 'tiny-vit-32'}, 'state_dict': net.state_dict()}, tmp_path / 'config_only.pt')
+    (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
+        {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name}]}))
+    common = ['--suite', str(tmp_path / 'suite.yaml'), '--device', 'cpu', '--workers', '0']
+    for name in ('step_00000002.pt', 'config_only.pt'):
+        run_cli(['--checkpoint', str(tmp_path / name), '--out', str(tmp_path / f'{name}.jsonl'), *common])
+        row, = [json.loads(line) for line in (tmp_path / f'{name}.jsonl').read_text().splitlines()]
+        assert row['status'] == 'ok' and row['n_classes'] == len(NOUNS)
+    with pytest.raises(SystemExit, match="cluster_glip eval: .*step_00000002.pt holds a 'tiny-vit-32' model, not 'ViT-B-16'"):
+        run_cli(['--checkpoint', str(tmp_path / 'step_00000002.pt'), '--model', 'ViT-B-16', *common])
+    torch.save(net.state_dict(), tmp_path / 'stock.pt')                 # a stock checkpoint records nothing
+    with pytest.raises(SystemExit, match='does not record its architecture .* --model ViT-B-16'):
+        run_cli(['--checkpoint', str(tmp_path / 'stock.pt'), *common])
+    with pytest.raises(SystemExit, match='no model: name an open_clip architecture'):
+        run_cli(common)
+    assert ev.checkpoint_model(tmp_path / 'stock.pt', 'tiny-vit-32') == 'tiny-vit-32'
+    assert type(ev.load_model(checkpoint=tmp_path / 'step_00000002.pt', device='cpu')) is open_clip.CLIP
+
+
+def test_a_missing_suite_root_or_dataset_is_an_error_unless_skipped(tmp_path, classification_root):
+    "Named in one line, before anything runs, with a non-zero exit; `--skip_missing` reports the set and runs the rest."
+    from cluster_glip.model import create_model
+    torch.save({'model_name': 'tiny-vit-32', 'state_dict': create_model('tiny-vit-32').state_dict()}, tmp_path / 'ours.pt')
+    (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
+        {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name},
+        {'task': 'zeroshot_classification', 'dataset': 'elsewhere', 'path': 'not_here'}]}))
+    argv = ['--checkpoint', str(tmp_path / 'ours.pt'), '--suite', str(tmp_path / 'suite.yaml'), '--device', 'cpu',
+            '--workers', '0', '--out', str(tmp_path / 'rows.jsonl')]
+    with pytest.raises(SystemExit, match=f"1 data path.s. missing under {classification_root.parent}: elsewhere "
+                                         f"\\(zeroshot_classification\\): {classification_root.parent / 'not_here'}"):
+        run_cli(argv)
+    assert not (tmp_path / 'rows.jsonl').exists()                        # stopped before the first set
+    with pytest.raises(SystemExit, match=f"its root {tmp_path / 'nowhere'} does not exist .*--skip_missing"):
+        run_cli([*argv, '--root', str(tmp_path / 'nowhere')])
+    run_cli([*argv, '--skip_missing'])
+    rows = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+    assert [(r['dataset'], r['status']) for r in rows] == [('nouns', 'ok'), ('elsewhere', 'missing')]
+    # the same through the installed command: one line on stderr, exit status 1
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, '-c', 'import sys; from cluster_glip.cli import main; sys.exit(main())', 'eval',
+                             *argv, '--root', str(tmp_path / 'nowhere')], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'PYTHONPATH': str(root), 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("cluster_glip eval: suite 'suite': its root")
+    # the API: evaluate_suite raises the same MissingDataset, or returns the missing row with skip_missing
+    model = ev.load_model(checkpoint=tmp_path / 'ours.pt', device='cpu')
+    with pytest.raises(fmt.MissingDataset, match='elsewhere'):
+        ev.evaluate_suite(model, str(tmp_path / 'suite.yaml'), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        skipped = ev.evaluate_suite(model, str(tmp_path / 'suite.yaml'), progress=False, skip_missing=True)
+    assert [r['status'] for r in skipped] == ['ok', 'missing']
 
 
 @pytest.fixture(scope='module')
