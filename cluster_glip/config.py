@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_every: int = 1000           # optimiser steps between checkpoints (and one at the end)
     keep_last: int = 2                     # checkpoints kept on disk
     resume: str | None = None              # 'latest' (newest in output_dir, if any) or a checkpoint path
+    resume_allow: list = field(default_factory=list)  # fields allowed to differ from the checkpoint's config on
+                                           #   resume although they change the run (recorded in the metrics)
     log_every: int = 10                    # optimiser steps between metric lines
     eval_every: int = 0                    # steps between evaluation-hook calls (0: never)
     eval_fn: str | None = None             # 'module:function', called as fn(model, **eval_args) -> {metric: value}
@@ -77,7 +79,7 @@ class TrainConfig:
     peak_tflops: float | None = None       # per-device peak for MFU; None: looked up for known GPUs
     progress_bar: bool = True
 
-    def __post_init__(self): validate_config(self)
+    def __post_init__(self): validate_config(self); _check_resume_allow(self)
 
 # %% ../nbs/05_config.ipynb #31d46cff
 class ConfigError(ValueError):
@@ -177,6 +179,15 @@ def validate_config(cfg: 'TrainConfig'):
     if cfg.resume not in (None, 'latest') and not Path(cfg.resume).is_file():
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)
+
+# %% ../nbs/05_config.ipynb #5e1a7c31
+def _check_resume_allow(cfg: 'TrainConfig'):
+    "Every name in `cfg.resume_allow` is a string naming a TrainConfig field (a ConfigError otherwise)."
+    known = [f.name for f in dataclasses.fields(cfg)]
+    for name in cfg.resume_allow:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ConfigError(f"config field 'resume_allow': no field {name!r}" + (f'; did you mean {close[0]!r}?' if close else ''))
 
 # %% ../nbs/05_config.ipynb #8574c518
 class _YamlLoader(yaml.SafeLoader): "SafeLoader that also reads exponent floats without a dot (`1e-4`) as floats."
