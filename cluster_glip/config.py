@@ -101,6 +101,15 @@ _RANGES = {  # field -> (is it fine, what it must be)
     'peak_tflops': (lambda v: v > 0, '> 0'), 'threads': (lambda v: v >= 1, '>= 1'),
 }
 
+# %% ../nbs/05_config.ipynb #5e1a7c31
+def _check_resume_allow(cfg: 'TrainConfig'):
+    "Every name in `cfg.resume_allow` is a string naming a TrainConfig field (a ConfigError otherwise)."
+    known = [f.name for f in dataclasses.fields(cfg)]
+    for name in cfg.resume_allow:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ConfigError(f"config field 'resume_allow': no field {name!r}" + (f'; did you mean {close[0]!r}?' if close else ''))
+
 # %% ../nbs/05_config.ipynb #8018a1f3
 def _type_name(tp) -> str:
     if get_origin(tp) in (Union, types.UnionType): return ' or '.join(map(_type_name, get_args(tp)))
@@ -179,15 +188,6 @@ def validate_config(cfg: 'TrainConfig'):
     if cfg.resume not in (None, 'latest') and not Path(cfg.resume).is_file():
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)
-
-# %% ../nbs/05_config.ipynb #5e1a7c31
-def _check_resume_allow(cfg: 'TrainConfig'):
-    "Every name in `cfg.resume_allow` is a string naming a TrainConfig field (a ConfigError otherwise)."
-    known = [f.name for f in dataclasses.fields(cfg)]
-    for name in cfg.resume_allow:
-        if name not in known:
-            close = difflib.get_close_matches(str(name), known, n=1)
-            raise ConfigError(f"config field 'resume_allow': no field {name!r}" + (f'; did you mean {close[0]!r}?' if close else ''))
 
 # %% ../nbs/05_config.ipynb #8574c518
 class _YamlLoader(yaml.SafeLoader): "SafeLoader that also reads exponent floats without a dot (`1e-4`) as floats."
