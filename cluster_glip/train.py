@@ -441,7 +441,7 @@ def checkpoint_run(folder: Path, cfg: TrainConfig, env: DistEnv, model: nn.Modul
 
 # %% ../nbs/06_train.ipynb #b7c1d005
 # fields a resume may change freely: where and how often the run writes, logs and evaluates, and how fast it runs
-# (compile and gradient checkpointing compute the same steps); every other field changes the run's trajectory
+# (the same steps; threads, device and compile may round differently); every other field changes the trajectory
 HARMLESS_FIELDS = ('output_dir', 'checkpoint_every', 'keep_last', 'resume', 'resume_allow', 'log_every', 'eval_every',
                    'eval_fn', 'eval_args', 'device', 'threads', 'compile', 'grad_checkpointing', 'peak_tflops',
                    'progress_bar')
