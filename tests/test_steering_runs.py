@@ -128,7 +128,7 @@ def test_a_second_run_on_a_live_runs_folder_is_refused_naming_the_holder_and_sig
 def test_two_resume_latest_at_once_one_writes_the_other_is_refused(shards, whole, tmp_path, ledger):
     out = died_at_step_4(whole, tmp_path / 'run')
     run = {**fields(shards, out), 'resume': 'latest'}
-    first, second = launch(run, step_sleep=0.5), launch(run, step_sleep=0.5)   # started together, 4 slow steps left
+    first, second = launch(run, step_sleep=1.5), launch(run, step_sleep=1.5)   # started together, 4 slow steps left
     results = [(p, p.wait(timeout=300), p.stderr.read()) for p in (first, second)]
     winners = [p for p, code, _ in results if code == 0]
     refused = [(p, err) for p, code, err in results if code != 0]
