@@ -66,6 +66,8 @@ class TrainConfig:
     checkpoint_every: int = 1000           # optimiser steps between checkpoints (and one at the end)
     keep_last: int = 2                     # checkpoints kept on disk
     resume: str | None = None              # 'latest' (newest in output_dir, if any) or a checkpoint path
+    resume_allow: list = field(default_factory=list)  # fields allowed to differ from the checkpoint's config on
+                                           #   resume although they change the run (recorded in the metrics)
     log_every: int = 10                    # optimiser steps between metric lines
     eval_every: int = 0                    # steps between evaluation-hook calls (0: never)
     eval_fn: str | None = None             # 'module:function', called as fn(model, **eval_args) -> {metric: value}
@@ -77,7 +79,7 @@ class TrainConfig:
     peak_tflops: float | None = None       # per-device peak for MFU; None: looked up for known GPUs
     progress_bar: bool = True
 
-    def __post_init__(self): validate_config(self)
+    def __post_init__(self): validate_config(self); _check_resume_allow(self)
 
 # %% ../nbs/05_config.ipynb #31d46cff
 class ConfigError(ValueError):
@@ -98,6 +100,15 @@ _RANGES = {  # field -> (is it fine, what it must be)
     'log_every': (lambda v: v >= 1, '>= 1'), 'eval_every': (lambda v: v >= 0, '>= 0'),
     'peak_tflops': (lambda v: v > 0, '> 0'), 'threads': (lambda v: v >= 1, '>= 1'),
 }
+
+# %% ../nbs/05_config.ipynb #5e1a7c31
+def _check_resume_allow(cfg: 'TrainConfig'):
+    "Every name in `cfg.resume_allow` is a string naming a TrainConfig field (a ConfigError otherwise)."
+    known = [f.name for f in dataclasses.fields(cfg)]
+    for name in cfg.resume_allow:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            raise ConfigError(f"config field 'resume_allow': no field {name!r}" + (f'; did you mean {close[0]!r}?' if close else ''))
 
 # %% ../nbs/05_config.ipynb #8018a1f3
 def _type_name(tp) -> str:

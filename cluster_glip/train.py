@@ -29,6 +29,7 @@ from .masking import PatchMasker
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens
 from .step import make_optimizer, make_scaler, train_step
+from .rundir import check_resume, run_lock
 from .shards import data_counts, expand_sources, train_loader
 
 # %% ../nbs/06_train.ipynb #0d526e4d
@@ -136,9 +137,19 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 def prune_checkpoints(folder: str | Path, keep_last: int):
-    "Delete all but the newest `keep_last` checkpoints (and temp files a killed writer left)."
+    "Delete all but the newest `keep_last` checkpoints (and temp files a killed writer left, never a live writer's)."
     for path in list_checkpoints(folder)[:-keep_last]: path.unlink()
-    for tmp in Path(folder).glob('.step_*.tmp'): tmp.unlink(missing_ok=True)
+    for tmp in Path(folder).glob('.step_*.tmp'):
+        if not _writer_alive(tmp): tmp.unlink(missing_ok=True)
+
+def _writer_alive(tmp: Path) -> bool:
+    "Whether another live process on this machine is writing temp file `tmp` (`.step_N.pt.PID.tmp`)."
+    pid = int(tmp.name.split('.')[-2]) if tmp.name.split('.')[-2].isdigit() else None
+    if pid is None or pid == os.getpid(): return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass   # alive, another user's
+    return True
 
 # %% ../nbs/06_train.ipynb #7435f9f1
 class CheckpointError(ValueError):
@@ -490,12 +501,13 @@ def checkpoint_run(folder: Path, cfg: TrainConfig, env: DistEnv, model: nn.Modul
 
 # %% ../nbs/06_train.ipynb #1bba4442
 def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, optimizer, scaler,
-               loaders: dict) -> RunState:
-    "Restore a run from the checkpoint at `path` into the freshly built objects; the run state to carry on from."
+               loaders: dict, schedule: Schedule) -> tuple[RunState, dict]:
+    "Restore a run from the checkpoint at `path` into the freshly built objects; the state to go on from, its record."
     ckpt = load_checkpoint(path)
     if ckpt.get('model_name') != cfg.model:
         raise ConfigError(f"config field 'resume': {path} holds a {ckpt.get('model_name')!r} model, this run "
                           f'trains {cfg.model!r}')
+    record = check_resume(path, ckpt.get('config', {}), ckpt['step'], cfg, schedule.total)
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -506,7 +518,7 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
                            f'{env.world_size}: exact resume needs the same number')
     loaders[state.data_phase].load_state_dict(ckpt['data'][env.rank])
     set_rng_state(ckpt['rng'][env.rank])
-    return state
+    return state, record
 
 # %% ../nbs/06_train.ipynb #f6a8b801
 def wrap_model(model: nn.Module, env: DistEnv, compiled: bool = False) -> nn.Module:
@@ -557,55 +569,59 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
     owns_group = not (dist.is_available() and dist.is_initialized())
     env = init_distributed(cfg.device)
     out_dir, ckpt_dir = Path(cfg.output_dir), Path(cfg.output_dir)/'checkpoints'
-    resume_from = find_resume(cfg.resume, ckpt_dir)
-    if env.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.threads: torch.set_num_threads(cfg.threads)
-    model, optimizer, scaler = init_model_and_optimizer(cfg, env.device)
-    masker, unmasked = model.masker, PatchMasker('none', patch_size=model.masker.patch_size)
-    seed_everything(derived_seed(cfg.seed, 'process', env.rank))  # each process its own streams; masks seeded per step
-    mask_generators = [torch.Generator(env.device) for _ in range(cfg.accum_steps)]
-    loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0])
-    state = RunState() if resume_from is None else resume_run(resume_from, cfg, env, model, optimizer, scaler, loaders)
-    step_model = wrap_model(model, env, cfg.compile)
-    log = MetricsLog(out_dir, enabled=env.is_main, resume_step=None if resume_from is None else state.step)
-    if env.is_main: (out_dir/'config.yaml').write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    bar = tqdm(total=schedule.total, initial=state.step, desc=f'train {cfg.model}',
-               disable=not (env.is_main and cfg.progress_bar))
-    throughput = Throughput(state.step, env.world_size, cfg.peak_tflops or peak_tflops(env.device, cfg.precision))
-    stream_phase, last_eval, last_ckpt = None, {}, None
-    model.train()
-    while state.step < schedule.total:
-        phase = schedule.phase(state.step)
-        if phase != stream_phase:  # a phase starts (or the run resumes): its data stream and masker
-            loader, stream_phase, flops = loaders[phase], phase, None
-            batches = _start_stream(loader, phase, state)
-            model.masker = masker if phase == 'main' else unmasked
-        micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
-                         for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
-        lr = schedule.lr(state.step, cfg)
-        if phase == 'main':
-            masker.progress = epoch_progress(state.step, schedule.main_steps, len(loader), cfg.accum_steps)
-            if state.step == 0 and resume_from is None: _calibrate_at_start(model, micro_batches[0][0], cfg.seed, log)
-        if flops is None: flops = train_flops_per_sample(model, *(x[:2] for x in micro_batches[0]), cfg.accum_steps)
-        for group in optimizer.param_groups: group['lr'] = lr
-        seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
-        result = train_step(step_model, micro_batches, optimizer, generator=mask_generators, scaler=scaler,
-                            precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy,
-                            step=state.step)
-        state.step, state.skipped_steps = state.step + 1, state.skipped_steps + result['skipped']
-        bar.update()
-        if schedule.is_due(state.step, cfg.log_every):
-            speed = throughput(state.step, len(micro_batches[0][0]) * cfg.accum_steps * env.world_size, flops)
-            log.log(record := train_record(result, state, phase, lr, loader, model, speed, env.world_size))
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
-        if evaluate is not None and cfg.eval_every and schedule.is_due(state.step, cfg.eval_every):
-            scores = evaluate_in_training(evaluate, model, cfg.eval_args, state.step, env.is_main, log, env.world_size)
-            last_eval = last_eval if scores is None else scores
-        if schedule.is_due(state.step, cfg.checkpoint_every) or state.step == schedule.main_steps:
-            last_ckpt = checkpoint_run(ckpt_dir, cfg, env, model, masker, optimizer, scaler, state, loader)
-    bar.close()
-    summary = run_summary(state, cfg, masker, loaders, log, last_ckpt, last_eval)
-    log.log(summary); log.close()
+    with run_lock(out_dir, env):  # one writer per output folder, from before its first write to the end
+        resume_from = find_resume(cfg.resume, ckpt_dir)
+        if env.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if cfg.threads: torch.set_num_threads(cfg.threads)
+        model, optimizer, scaler = init_model_and_optimizer(cfg, env.device)
+        masker, unmasked = model.masker, PatchMasker('none', patch_size=model.masker.patch_size)
+        seed_everything(derived_seed(cfg.seed, 'process', env.rank))  # own streams per process; masks seeded per step
+        mask_generators = [torch.Generator(env.device) for _ in range(cfg.accum_steps)]
+        loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0])
+        state, resumed = (RunState(), None) if resume_from is None else \
+            resume_run(resume_from, cfg, env, model, optimizer, scaler, loaders, schedule)
+        step_model = wrap_model(model, env, cfg.compile)
+        log = MetricsLog(out_dir, enabled=env.is_main, resume_step=None if resume_from is None else state.step)
+        if resumed: log.log(resumed)
+        if env.is_main: (out_dir/'config.yaml').write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        bar = tqdm(total=schedule.total, initial=state.step, desc=f'train {cfg.model}',
+                   disable=not (env.is_main and cfg.progress_bar))
+        throughput = Throughput(state.step, env.world_size, cfg.peak_tflops or peak_tflops(env.device, cfg.precision))
+        stream_phase, last_eval, last_ckpt = None, {}, resume_from
+        model.train()
+        while state.step < schedule.total:
+            phase = schedule.phase(state.step)
+            if phase != stream_phase:  # a phase starts (or the run resumes): its data stream and masker
+                loader, stream_phase, flops = loaders[phase], phase, None
+                batches = _start_stream(loader, phase, state)
+                model.masker = masker if phase == 'main' else unmasked
+            micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
+                             for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
+            lr = schedule.lr(state.step, cfg)
+            if phase == 'main':
+                masker.progress = epoch_progress(state.step, schedule.main_steps, len(loader), cfg.accum_steps)
+                if not (state.step or resume_from): _calibrate_at_start(model, micro_batches[0][0], cfg.seed, log)
+            if flops is None: flops = train_flops_per_sample(model, *(x[:2] for x in micro_batches[0]), cfg.accum_steps)
+            for group in optimizer.param_groups: group['lr'] = lr
+            seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
+            result = train_step(step_model, micro_batches, optimizer, generator=mask_generators, scaler=scaler,
+                                precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy,
+                                step=state.step)
+            state.step, state.skipped_steps = state.step + 1, state.skipped_steps + result['skipped']
+            bar.update()
+            if schedule.is_due(state.step, cfg.log_every):
+                speed = throughput(state.step, len(micro_batches[0][0]) * cfg.accum_steps * env.world_size, flops)
+                log.log(record := train_record(result, state, phase, lr, loader, model, speed, env.world_size))
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f'{lr:.2e}')
+            if evaluate is not None and cfg.eval_every and schedule.is_due(state.step, cfg.eval_every):
+                scores = evaluate_in_training(evaluate, model, cfg.eval_args, state.step, env.is_main, log,
+                                              env.world_size)
+                last_eval = last_eval if scores is None else scores
+            if schedule.is_due(state.step, cfg.checkpoint_every) or state.step == schedule.main_steps:
+                last_ckpt = checkpoint_run(ckpt_dir, cfg, env, model, masker, optimizer, scaler, state, loader)
+        bar.close()
+        summary = run_summary(state, cfg, masker, loaders, log, last_ckpt, last_eval)
+        log.log(summary); log.close()
     if env.is_main: _report_skips(summary)
     if owns_group and dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
     return summary
