@@ -28,7 +28,8 @@ from .shards import train_loader
 from .synthetic import SynthConfig, write_synthetic_shards
 from .model import forward_gflops
 from .step import make_optimizer, make_scaler
-from .train import read_metrics, train
+from .rundir import read_metrics
+from .train import train
 from .train import peak_tflops as device_peak_tflops
 
 # %% ../nbs/09a_compare.ipynb #3f959c47

@@ -29,7 +29,7 @@ from .formats import (SUGARCREPE_SUBSETS, EvalSet, MissingDataset, _require, rea
                                   read_lines, read_sugarcrepe, read_wds)
 from .model import create_model
 from .probe import fit_probe, split_validation
-from .train import load_checkpoint
+from .rundir import load_checkpoint
 
 # %% ../nbs/07_evaluate.ipynb #e603aef1
 def topk_accuracy(logits: torch.Tensor,          # [N, C] scores, higher is better

@@ -16,7 +16,8 @@ from cluster_glip.shards import write_shard_index
 from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.config import load_config
 from cluster_glip.step import contrastive_loss
-from cluster_glip.train import CheckpointError, list_checkpoints, load_checkpoint, read_metrics, train
+from cluster_glip.rundir import CheckpointError, list_checkpoints, load_checkpoint, read_metrics
+from cluster_glip.train import train
 import cluster_glip.step as step_module
 
 ROOT = Path(__file__).resolve().parents[1]

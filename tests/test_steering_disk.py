@@ -10,13 +10,15 @@ import pytest
 import torch
 
 import cluster_glip
+import cluster_glip.rundir as rundir_module
 import cluster_glip.train as train_module
 from cluster_glip.cli import main
 from cluster_glip.config import load_config
 from cluster_glip.evaluate import load_model
 from cluster_glip.step import unwrap
 from cluster_glip.synthetic import write_synthetic_shards
-from cluster_glip.train import CheckpointError, list_checkpoints, load_checkpoint, read_metrics, train
+from cluster_glip.rundir import CheckpointError, list_checkpoints, load_checkpoint, read_metrics
+from cluster_glip.train import train
 
 PACKAGE_ROOT = Path(cluster_glip.__file__).resolve().parents[1]   # subprocesses run the code this process tests
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), os.environ.get('PYTHONPATH', '')]),
@@ -107,7 +109,7 @@ def test_a_full_disk_during_a_checkpoint_write_leaves_no_temp_file_and_says_so_i
     out, size = tmp_path / 'run', (reference / 'checkpoints' / 'step_00000002.pt').stat().st_size
     disk = FullDisk(free=size + size // 2)                      # room for the step-2 checkpoint and half of step 4's
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, 'open', disk.open, raising=False)
+        patch.setattr(rundir_module, 'open', disk.open, raising=False)
         with pytest.raises(SystemExit) as failed: main(train_command(fields(shards, out)))
     message = str(failed.value.code)
     named = (message.startswith(f"cluster_glip train: no space left on device while writing {out}/checkpoints/"
@@ -148,7 +150,7 @@ def test_a_full_disk_during_a_metrics_write_keeps_whole_lines(shards, tmp_path, 
     out = tmp_path / 'run'
     disk = FullDisk(free=2000)                                   # a few metrics lines, then the disk is full
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, 'open', disk.open, raising=False)
+        patch.setattr(rundir_module, 'open', disk.open, raising=False)
         with pytest.raises(SystemExit) as failed: main(train_command(fields(shards, out, checkpoint_every=1000)))
     message = str(failed.value.code)
     text = (out / 'metrics.jsonl').read_text()

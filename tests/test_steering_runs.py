@@ -13,7 +13,8 @@ from cluster_glip.cli import main
 from cluster_glip.config import ConfigError, load_config
 from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.rundir import run_lock
-from cluster_glip.train import list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, train
+from cluster_glip.rundir import list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics
+from cluster_glip.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}

@@ -15,7 +15,8 @@ from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.masking import STRATEGIES
 from cluster_glip.config import load_config
 from cluster_glip.step import contrastive_loss
-from cluster_glip.train import read_metrics, train
+from cluster_glip.rundir import read_metrics
+from cluster_glip.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
