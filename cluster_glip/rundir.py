@@ -30,6 +30,7 @@ def _drop_inherited_locks():
 
 os.register_at_fork(after_in_child=_drop_inherited_locks)
 
+# %% ../nbs/05b_rundir.ipynb #d6fd4a9d
 def _take_lock(folder: Path) -> int:
     "Lock `folder/.lock` without waiting and write who holds it; a RunLockError naming the holder if it is taken."
     folder.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ def _take_lock(folder: Path) -> int:
     _HELD_LOCKS.add(fd)
     return fd
 
+# %% ../nbs/05b_rundir.ipynb #1ebed15c
 @contextlib.contextmanager
 def run_lock(folder: str | Path, env=None):
     """Hold `folder`'s run lock while the block runs: the main process (`env.is_main`, a `DistEnv`; None: a single
@@ -78,6 +80,7 @@ def _write_failed(error: OSError, path: Path, hint: str = '') -> DiskWriteError:
     failed.errno = error.errno
     return failed
 
+# %% ../nbs/05b_rundir.ipynb #0654b0f4
 def save_checkpoint(obj: dict, path: str | Path):
     "torch.save `obj` to `path` atomically (temp file, fsync, rename, fsync of the folder); no temp file left on failure."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +98,7 @@ def save_checkpoint(obj: dict, path: str | Path):
     try: os.fsync(folder)
     finally: os.close(folder)
 
+# %% ../nbs/05b_rundir.ipynb #54bbf25a
 def list_checkpoints(folder: str | Path) -> list[Path]:
     "The checkpoints in `folder`, oldest first by step."
     folder = Path(folder)
@@ -182,6 +186,7 @@ def _whole_records(path: Path, resume_step: int) -> list[str]:
                    'not JSON, a write cut short)', file=sys.stderr)
     return kept
 
+# %% ../nbs/05b_rundir.ipynb #e6a30be8
 class MetricsLog:
     "JSON-lines metrics (and TensorBoard scalars when available) for the main process; a no-op elsewhere."
     def __init__(self, folder: str | Path, enabled: bool = True, resume_step: int | None = None):
@@ -208,6 +213,7 @@ class MetricsLog:
     def close(self):
         if self.tb is not None: self.tb.close()
 
+# %% ../nbs/05b_rundir.ipynb #de08f010
 def read_metrics(path: str | Path, event: str = 'train') -> list[dict]:
     "The records of one kind from a metrics.jsonl file."
     return [r for l in Path(path).read_text().splitlines() if l.strip() and (r := json.loads(l)).get('event') == event]
