@@ -98,6 +98,9 @@ def world(tmp_path_factory):
     (fake / 'scontrol').write_text('#!/bin/bash\necho localhost\n')
     for name in ('srun', 'scontrol'): (fake / name).chmod(0o755)
     for steps in (2, 4): (top / f'small_{steps}.yaml').write_text(SMALL.format(steps=steps))
+    # The test's preemption is a first run of 2 steps; its resume runs the same config to 4 steps, so the resume check
+    # (which refuses a changed `steps`) is told that this one change is deliberate. A real requeue changes nothing.
+    with open(top / 'small_4.yaml', 'a') as f: f.write('resume_allow: [steps]\n')
     return {'top': top, 'shards': shards, 'bundle': Path(bundle['root']), 'fake': fake}
 
 
