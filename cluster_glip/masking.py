@@ -59,6 +59,7 @@ class Kept:
     indices: Tensor                 # [B, K] int64: kept patch positions, row-major over the grid, 0 <= i < L, ascending
     padding: Tensor | None = None   # [B, K] bool: True where the slot is padding attention must exclude as a key
     stats: dict[str, Tensor] = field(default_factory=dict)  # 0-d tensors on the input's device
+    soft_padding: bool = False      # True: padding is attended at e⁻¹ weight, not hidden (the cluster release's defect)
 
     @property
     def n_kept(self) -> int: return self.indices.shape[1]
@@ -242,8 +243,9 @@ def count_components(hidden: Tensor, n_hidden: int | None = None) -> Tensor:
     return (member & ~reaches_earlier).sum(1)
 
 def visible_mask(kept: Kept, n_patches: int) -> Tensor:
-    "True where a patch token is seen by the transformer (kept and not padding): [B, L] bool."
-    seen = torch.ones_like(kept.indices, dtype=torch.bool) if kept.padding is None else ~kept.padding
+    "True where a patch token is seen by the transformer (kept, and not hidden padding): [B, L] bool."
+    soft = kept.padding is None or kept.soft_padding                                    # soft padding is attended
+    seen = torch.ones_like(kept.indices, dtype=torch.bool) if soft else ~kept.padding
     return torch.zeros(kept.indices.shape[0], n_patches, dtype=torch.bool,
                        device=kept.indices.device).scatter(1, kept.indices, seen)
 
@@ -251,7 +253,7 @@ def mask_stats(kept: Kept, grid: tuple[int, int]) -> dict[str, Tensor]:
     "Statistics every strategy shares, as 0-d tensors on the indices' device."
     n = grid[0] * grid[1]
     hidden = ~visible_mask(kept, n)                                                      # [B, L]
-    n_hidden = n - kept.n_kept if kept.padding is None else None                         # fixed by the exact budget
+    n_hidden = n - kept.n_kept if kept.padding is None or kept.soft_padding else None   # fixed: every slot is seen
     return {'drop_fraction': hidden.float().mean(),
             'components': count_components(hidden.view(-1, *grid), n_hidden).float().mean()}
 
@@ -356,6 +358,7 @@ def check_cluster(params: dict, ratio: float):
     check_choice('fusion', params['fusion'], ('linear', 'cbrt'))
     check_choice('normalize', params['normalize'], NORMALIZATIONS)
     check_choice('budget', params['budget'], ('exact', 'paper'))
+    check_choice('padding', params['padding'], ('hidden', 'soft'))
     check_ratio(params['min_drop'], 'min_drop')
     check_number('anchor_ratio', params['anchor_ratio'], 0, 1, ends='()', note=' (at least one anchor, fewer than L)')
     tau = params['threshold']
@@ -369,12 +372,12 @@ def check_cluster(params: dict, ratio: float):
                          f"(the mask ratio) must be >= min_drop, got {ratio}")
 
 CLUSTER_DEFAULTS = dict(features='rgb', fusion='linear', normalize='patch', anchor_ratio=0.03, threshold='adaptive',
-                        budget='exact', min_drop=0.3)
+                        budget='exact', min_drop=0.3, padding='hidden')
 
 # %% ../nbs/00_masking.ipynb #89cbfbf5
 @register('cluster', CLUSTER_DEFAULTS, check_cluster, reads_tokens=lambda p: p['features'] != 'rgb')
 def cluster_mask(batch: MaskBatch, features: str, fusion: str, normalize: str, anchor_ratio: float,
-                 threshold: str | float, budget: str, min_drop: float) -> Kept:
+                 threshold: str | float, budget: str, min_drop: float, padding: str) -> Kept:
     "Cluster masking (Wei et al.): drop the union of the clusters of random anchors."
     n_anchors = anchor_count(batch.L, anchor_ratio)
     anchors = draw_anchors(batch, n_anchors)                                             # [B, n_a]
@@ -392,13 +395,13 @@ def cluster_mask(batch: MaskBatch, features: str, fusion: str, normalize: str, a
     stats['coverage'] = clustered.float().mean()
     stats['threshold'] = torch.full((), tau, device=batch.device)
     if budget == 'exact': return Kept(trim_clusters(similarity, tau, batch.K, noise), None, stats)
-    indices, padding = paper_budget(clustered, min_drop, noise)
-    return Kept(indices, padding, stats)
+    indices, padded = paper_budget(clustered, min_drop, noise)
+    return Kept(indices, padded, stats, soft_padding=padding == 'soft')
 
 # %% ../nbs/00_masking.ipynb #8bff4bcb
-RELEASED = dict(CLUSTER_DEFAULTS, threshold=0.5, budget='paper', min_drop=0.3)
+RELEASED = dict(CLUSTER_DEFAULTS, threshold=0.5, budget='paper', min_drop=0.3, padding='soft')  # the release's defects
 register('released', RELEASED, check_cluster, reads_tokens=lambda p: p['features'] != 'rgb',
-         summary="Cluster masking as the authors' code runs it: τ = 0.5, paper budget, min_drop 0.3.")(cluster_mask);
+         summary="Cluster masking as the authors' code runs it: τ = 0.5, paper budget, min_drop 0.3, padding attended.")(cluster_mask);
 
 # %% ../nbs/00_masking.ipynb #4afa2a73
 def calibrate_threshold(pixels: Tensor, ratio: float, patch_size: int, *, tokens: Tensor | None = None,

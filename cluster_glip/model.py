@@ -9,7 +9,7 @@ __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'pos
 
 # %% ../nbs/01_model.ipynb #6c75d9f5
 import math, os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from importlib.resources import files
 
 import open_clip
@@ -37,7 +37,8 @@ def self_attention(attn: nn.MultiheadAttention, x: Tensor, attn_mask: Tensor | N
     H = attn.num_heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)                # [B, N, 3D]
     q, k, v = qkv.view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)           # 3 × [B, H, N, D/H]
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,       # mask: [B, 1, 1, N] bool, True = attend
+    if attn_mask is not None and attn_mask.is_floating_point(): attn_mask = attn_mask.to(q.dtype)   # additive mask
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,       # [B, 1, 1, N] bool or [B, 1, N, N] float
                                        dropout_p=attn.dropout if attn.training else 0.0)
     return attn.out_proj(y.transpose(1, 2).reshape(B, N, D))                 # [B, N, D]
 
@@ -73,10 +74,12 @@ def gather_kept(tokens: Tensor, cls: Tensor, kept: Kept) -> Tensor:
         tokens = tokens.gather(1, kept.indices[..., None].expand(-1, -1, D))   # [B, K, D]
     return torch.cat([cls.expand(B, 1, D), tokens], dim=1)                   # [B, 1 + K, D]
 
-def key_mask(padding: Tensor | None) -> Tensor | None:
-    "Boolean attention mask [B, 1, 1, 1 + K] (True = may be attended) hiding padding slots as keys; None without padding."
+def key_mask(padding: Tensor | None, soft: bool = False) -> Tensor | None:
+    "Boolean mask [B, 1, 1, 1 + K] hiding padding keys (True = may be attended); `soft`: the release's additive one."
     if padding is None: return None
-    return F.pad(~padding, (1, 0), value=True)[:, None, None, :]
+    kept = F.pad(~padding, (1, 0), value=True)                               # [B, 1 + K]: the class token counts as kept
+    if not soft: return kept[:, None, None, :]
+    return (kept[:, :, None] & kept[:, None, :]).float()[:, None]            # [B, 1, 1 + K, 1 + K]: +1 where both kept
 
 def run_blocks(visual: VisionTransformer, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
     "The image tower's residual blocks on `x` [B, N, D], with open_clip's gradient-checkpointing switch."
@@ -105,8 +108,8 @@ def pool(visual: VisionTransformer, x: Tensor, padding: Tensor | None = None) ->
 def encode_tokens(visual: VisionTransformer, tokens: Tensor, cls: Tensor, kept: Kept) -> Tensor:
     "Image features [B, E] from patch tokens [B, L, D] and class token [D] when the transformer sees only `kept`."
     x = visual.ln_pre(gather_kept(tokens, cls, kept))                         # [B, 1 + K, D]
-    x = run_blocks(visual, x, key_mask(kept.padding))
-    return pool(visual, x, kept.padding)                                      # [B, E]
+    x = run_blocks(visual, x, key_mask(kept.padding, kept.soft_padding))
+    return pool(visual, x, None if kept.soft_padding else kept.padding)       # [B, E]
 
 # %% ../nbs/01_model.ipynb #efdf278b
 @torch.no_grad()
@@ -240,7 +243,7 @@ def patch_slice(index: int, grid_width: int, patch_size: int) -> tuple[slice, sl
 # %% ../nbs/01_model.ipynb #9fdbabe6
 def kept_rows(kept: Kept, rows: slice | Tensor) -> Kept:
     "The plan for a sub-batch: `kept`'s `rows` (a slice or index tensor), same `K`, the whole batch's `stats`."
-    return Kept(indices=kept.indices[rows], padding=None if kept.padding is None else kept.padding[rows], stats=kept.stats)
+    return replace(kept, indices=kept.indices[rows], padding=None if kept.padding is None else kept.padding[rows])
 
 # %% ../nbs/01_model.ipynb #452356bd
 def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: int | None = None) -> dict:
