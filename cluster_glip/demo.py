@@ -69,7 +69,7 @@ def run_demo(out_dir: str | Path = 'runs/demo', *, steps: int | None = None, n_t
     summary = train(cfg)
     train_seconds = time.perf_counter() - start - data_seconds
     say('evaluating on the held-out synthetic sets ...')
-    model = load_model(cfg.model, summary['checkpoint'], device=cfg.device)
+    model = load_model(cfg.model, summary['checkpoint'], device=cfg.device, masking=False)   # an unmasked suite
     rows = evaluate_suite(model, 'synthetic', root=bundle['root'], checkpoint=summary['checkpoint'],
                           out=out_dir/'eval.jsonl', progress=not quiet)
     table = against_chance(rows)

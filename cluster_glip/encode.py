@@ -67,6 +67,14 @@ def masker_of(model: nn.Module):
     if masker is None or getattr(masker, 'strategy', 'none') == 'none' or not getattr(masker, 'ratio', 0): return None
     return masker
 
+def _inference_gap(masker) -> str | None:
+    "What `masker` lacks to mask as it did in training (and must not make up from evaluation data); None when nothing."
+    if getattr(masker, 'params', {}).get('threshold') == 'calibrated' and getattr(masker, 'threshold_value', 0) is None:
+        return "no cluster threshold τ (threshold 'calibrated'): it is calibrated on training data, never on evaluation data"
+    if getattr(masker, 'progress', 0) is None:
+        return "no training progress, which sets the weight of fused features (the checkpoint records no 'mask_progress')"
+    return None
+
 @contextlib.contextmanager
 def masked_inference(model: nn.Module, enabled: bool = True):
     "Within the block, `model` masks patches at inference as it did in training (its masker's `masked_inference` switch)."
@@ -82,6 +90,10 @@ def masked_inference(model: nn.Module, enabled: bool = True):
         raise ValueError(f'masked inference needs a model that masks, but this {type(model).__name__} {what}. '
                          "Build it with cluster_glip.model.create_model(name, pretrained=..., masker=PatchMasker(strategy, "
                          "ratio, patch_size)), or run `cluster_glip eval --masked --set masking.strategy=S --set masking.ratio=R`.")
+    if gap := _inference_gap(masker):
+        raise ValueError(f'masked inference needs the masking the model was trained with, but its masker has {gap}. Load the '
+                         "model with cluster_glip.evaluate.load_model from a checkpoint cluster_glip train wrote (it restores "
+                         "τ and progress), or give a fixed threshold: --set masking.threshold=0.5")
     before = masker.masked_inference
     masker.masked_inference = True
     try: yield model

@@ -372,7 +372,8 @@ def evaluate_suite(model: nn.Module, suite: str | Path | dict, *, root: str | Pa
         bar.set_postfix_str(f"{entry['task']} {entry['dataset']}{' masked' if m else ''}")
         row = {'checkpoint': checkpoint, 'suite': suite['name'], 'task': entry['task'], 'dataset': entry['dataset'],
                'masked': m}
-        if m and masker is not None: row.update(mask_strategy=masker.strategy, mask_ratio=masker.ratio)
+        if m and masker is not None: row.update(mask_strategy=masker.strategy, mask_ratio=masker.ratio,
+                                                mask_threshold=masker.threshold_value)
         start = time.perf_counter()
         if m and masker is None:
             row.update(status='skipped', reason='masked inference needs a model with a masker')
@@ -427,7 +428,7 @@ def against_chance(rows: Sequence[dict], metrics: Sequence[str] = ('top1', 'imag
 
 # %% ../nbs/07_evaluate.ipynb #569a5991
 ROW_FIELDS = ('checkpoint', 'suite', 'task', 'dataset', 'masked', 'status', 'reason', 'seconds', 'mask_strategy',
-              'mask_ratio')
+              'mask_ratio', 'mask_threshold')
 
 def suite_metrics(model: nn.Module, suite: str | Path | dict = 'synthetic', *, progress: bool = False,
                   **kwargs) -> dict[str, float]:
@@ -439,16 +440,21 @@ def suite_metrics(model: nn.Module, suite: str | Path | dict = 'synthetic', *, p
 # %% ../nbs/07_evaluate.ipynb #f0cae388
 _UNPICKLED = ('.safetensors', '.npz', '.npy')   # formats open_clip reads without unpickling (and that record no model)
 
-def checkpoint_model(checkpoint: str | Path | None, name: str | None = None) -> str:
+def _checkpoint_record(checkpoint: str | Path | None) -> dict:
+    "What `checkpoint` records besides its weights: model_name, config, mask_threshold, mask_progress ({} for a stock one)."
+    if not checkpoint: return {}
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(f'checkpoint not found: {checkpoint} (give the path of a .pt/.bin/.safetensors file)')
+    if Path(checkpoint).suffix in _UNPICKLED: return {}
+    state = load_checkpoint(checkpoint)              # a CheckpointError: empty, truncated, not a checkpoint, code inside
+    if not isinstance(state, dict): return {}
+    return {k: state[k] for k in ('model_name', 'config', 'mask_threshold', 'mask_progress') if k in state}
+
+def checkpoint_model(checkpoint: str | Path | None, name: str | None = None, record: dict | None = None) -> str:
     "The architecture to build for `checkpoint`: `name` when given (it must agree with the checkpoint), else its record."
-    recorded = None
-    if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint not found: {checkpoint} (give the path of a .pt/.bin/.safetensors file)')
-        if Path(checkpoint).suffix not in _UNPICKLED:
-            state = load_checkpoint(checkpoint)          # a CheckpointError: empty, truncated, not a checkpoint, code inside
-            config = state.get('config') if isinstance(state, dict) else None
-            recorded = state.get('model_name') or (config.get('model') if isinstance(config, dict) else None)
+    record = _checkpoint_record(checkpoint) if record is None else record
+    config = record.get('config')
+    recorded = record.get('model_name') or (config.get('model') if isinstance(config, dict) else None)
     if name and recorded and name != recorded:
         raise ValueError(f'{checkpoint} holds a {recorded!r} model, not {name!r}: leave the model name out (--model) to '
                          'use the one the checkpoint records')
@@ -459,14 +465,33 @@ def checkpoint_model(checkpoint: str | Path | None, name: str | None = None) -> 
     raise ValueError('no model: name an open_clip architecture (--model ViT-B-16) or give a checkpoint that records one')
 
 # %% ../nbs/07_evaluate.ipynb #54564443
+def _eval_masking(record: dict, masking: dict | bool | None) -> tuple[dict | None, bool]:
+    "The masking to evaluate with, and whether it is the one the checkpoint trained with (so its τ and progress apply)."
+    config = record.get('config')
+    trained = config.get('masking') if isinstance(config, dict) else None
+    trained = trained if trained and trained.get('strategy', 'none') != 'none' else None
+    if masking is False or not (masking or trained): return None, False
+    if masking and trained and masking.get('strategy', trained['strategy']) == trained['strategy']:
+        masking = merge_config_dicts(trained, masking)       # the trained settings, these keys overridden
+    masking = masking or trained
+    return masking, masking == trained
+
 def load_model(name: str | None = None, checkpoint: str | Path | None = None, *, device: str | torch.device | None = None,
-               precision: str = 'fp32', masking: dict | None = None) -> nn.Module:
-    "open_clip's architecture `name` (None: the one `checkpoint` records) with weights from `checkpoint` (None: random init)."
+               precision: str = 'fp32', masking: dict | bool | None = None) -> nn.Module:
+    """open_clip's architecture `name` (None: the one `checkpoint` records) with weights from `checkpoint` (None: random
+    init), and the masker it trained with; `masking` overrides keys of that masking (another strategy replaces it), False
+    loads none."""
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    name = checkpoint_model(checkpoint, name)         # also refuses a missing file, or one whose unpickling runs code
+    record = _checkpoint_record(checkpoint)           # also refuses a missing file, or one whose unpickling runs code
+    name = checkpoint_model(checkpoint, name, record)
     pretrained = str(checkpoint) if checkpoint else None
-    if not masking: return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
+    masking, as_trained = _eval_masking(record, masking)
+    if not masking or masking.get('strategy', 'none') == 'none':
+        return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision).eval()
     masker = make_masker(types.SimpleNamespace(model=name, masking=masking))   # switched on per masked task
+    if as_trained: masker.threshold_value = record.get('mask_threshold')       # the τ training last used, if calibrated
+    fused = masker.params.get('features') == 'fused'      # the only masking whose decisions depend on training progress
+    masker.progress = record.get('mask_progress', None if fused else 0.0)    # None: masked inference refuses, says why
     return create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision).eval()
 
 # %% ../nbs/07_evaluate.ipynb #bb5a2855
@@ -502,7 +527,7 @@ def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkp
              model: str = None,          # open_clip model config name, e.g. ViT-B-16 (default: what the checkpoint records)
              suite: str = 'synthetic',   # a shipped suite name (cluster_paper, glip, synthetic) or a YAML file
              out: str = None,            # JSON-lines file the rows are appended to
-             masked: bool = False,       # evaluate every entry with masked inference (needs --set masking.strategy=...)
+             masked: bool = False,       # evaluate every entry masked, as the checkpoint trained (--set masking.* overrides)
              set: Param("the model's masking by field path, repeatable: --set masking.strategy=gaussian --set masking.ratio=0.5",
                         str, action='append') = None,
              root: str = None,           # folder the suite's relative paths live in (else $CLUSTER_GLIP_EVAL_ROOT)
@@ -516,11 +541,12 @@ def eval_cli(checkpoint: str = None,     # checkpoint file (any open_clip checkp
     "Evaluate a checkpoint on an evaluation suite; one JSON row per (task, dataset)."
     try:
         masking = parse_masking(set or [])
-        if masked and not (masking or {}).get('strategy'):
-            raise SystemExit('cluster_glip eval: --masked needs --set masking.strategy=S (and --set masking.ratio=R): '
-                             'the masking to evaluate with')
         model = checkpoint_model(checkpoint, model)
-        net = load_model(model, checkpoint, device=device, masking=masking)
+        net = load_model(model, checkpoint, device=device, masking=masking)   # the checkpoint's masking, τ and progress
+        if masked and masker_of(net) is None:
+            raise SystemExit(f"cluster_glip eval: --masked needs a masking: {checkpoint or 'a random init'} records none it "
+                             'trained with (a stock open_clip checkpoint?); give one: --set masking.strategy=S '
+                             '--set masking.ratio=R')
         rows = evaluate_suite(net, suite, root=root, checkpoint=checkpoint or f'{model} (random init)',
                               tokenizer=model_tokenizer(net, model), masked=True if masked else None, batch_size=batch_size,
                               num_workers=workers, seed=seed, amp=not no_amp, feature_cache=feature_cache, out=out,

@@ -530,6 +530,9 @@ class PatchMasker(nn.Module):
         if not self.masking: return mask_patches(pixels, 'none', 0.0, self.patch_size)   # every patch, with statistics
         params = dict(self.params)
         if params.get('threshold') == 'calibrated':
+            if self.threshold_value is None and not self.training:   # never calibrate on evaluation data
+                raise ValueError("a masker in evaluation has no calibrated cluster threshold: set threshold_value to the τ "
+                                 "training calibrated (a checkpoint's mask_threshold), or calibrate on training images")
             if self.threshold_value is None: self.calibrate(pixels, tokens, generator)
             params['threshold'] = self.threshold_value
         return mask_patches(pixels, self.strategy, self.ratio, self.patch_size, tokens=tokens, generator=generator,

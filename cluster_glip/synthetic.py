@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PALETTE', 'SHAPE_VERTICES', 'COLORS', 'SHAPES', 'TEXTURES', 'SIZE_RADII', 'OPPOSITE', 'ZEROSHOT_TEMPLATES',
            'SynthConfig', 'sample_scene', 'render_scene', 'describe', 'caption_scene', 'synthetic_sample',
-           'write_synthetic_shards', 'write_zeroshot_set', 'write_retrieval_set', 'composition_item',
+           'write_synthetic_shards', 'write_zeroshot_set', 'retrieval_items', 'write_retrieval_set', 'composition_item',
            'write_sugarcrepe_set', 'write_synthetic_bundle', 'resolve_bundle', 'synth_cli']
 
 # %% ../nbs/04_synthetic.ipynb #de150d02
@@ -326,14 +326,42 @@ def write_zeroshot_set(root, n: int = 1200, *, seed: int = 0, cfg: SynthConfig =
                      templates=ZEROSHOT_TEMPLATES, ext=image_format, shard_size=shard_size)
 
 # %% ../nbs/04_synthetic.ipynb #4236f670
-def _captions(scene: dict, rng: random.Random, k: int) -> list:
-    "`k` captions of one scene, distinct when the templates allow it."
-    captions = []
+def _region(obj: dict, size: int) -> str:
+    "Where `obj` lies in the picture: 'the top left', 'the centre', ..."
+    row, col = (min(2, int(3 * obj[a] / size)) for a in ('y', 'x'))
+    name = f"{('top', 'middle', 'bottom')[row]} {('left', 'centre', 'right')[col]}"
+    return 'the centre' if name == 'middle centre' else f'the {name}'
+
+def _details(scene: dict) -> list:
+    "Phrases that tell this scene from similar ones: its backdrop, object count, where its last object lies, size, position."
+    objects, size = scene['objects'], scene['image_size']
+    main, last = objects[0], objects[-1]
+    count = ('one object', 'two objects', 'three objects')[len(objects) - 1] if len(objects) <= 3 else f'{len(objects)} objects'
+    return [f"over a {scene['background']['style']} backdrop", f'{count} in all',
+            f'the {_noun(last)} in {_region(last, size)}', f"the {_noun(main)} {2 * main['radius']:.0f} px wide",
+            f"the {_noun(main)} centred at ({main['x']:.0f}, {main['y']:.0f})"]
+
+def _captions(scene: dict, rng: random.Random, k: int, taken: set = frozenset()) -> list:
+    "`k` distinct captions of one scene, none in `taken`: a caption it holds gets a detail of the scene added."
+    details, captions = _details(scene), []
     for _ in range(20 * k):
         caption = caption_scene(scene, rng)
-        if caption not in captions: captions.append(caption)
+        candidates = [caption, *(f'{caption}, {d}' for d in details), ', '.join([caption, *details])]
+        new = next((c for c in candidates if c not in captions and c not in taken), None)
+        if new is not None: captions.append(new)
         if len(captions) == k: return captions
-    return (captions * k)[:k]
+    raise ValueError(f'no {k} new captions for this scene: the set already holds them all (ask for fewer per image)')
+
+# %% ../nbs/04_synthetic.ipynb #820e8fab
+def retrieval_items(n: int = 500, *, captions_per_image: int = 5, seed: int = 0, cfg: SynthConfig = SynthConfig()) -> list:
+    "The retrieval set's `(scene, captions)` pairs: no caption twice in the whole set."
+    items, taken = [], set()
+    for i in range(n):
+        rng = random.Random(seed_int(seed, 2, i))
+        scene = sample_scene(rng, cfg)
+        items.append((scene, _captions(scene, rng, captions_per_image, taken)))
+        taken.update(items[-1][1])
+    return items
 
 
 def write_retrieval_set(root, n: int = 500, *, captions_per_image: int = 5, seed: int = 0,
@@ -341,11 +369,9 @@ def write_retrieval_set(root, n: int = 500, *, captions_per_image: int = 5, seed
     """A retrieval set: `root/dataset_synthetic.json` (Karpathy format, split 'test') over `root/images/`, and the same
     in CLIP_benchmark's retrieval webdataset layout under `root/wds/`. Returns the JSON's path."""
     root, images, captions = Path(root), [], []
-    for i in range(n):
-        rng = random.Random(seed_int(seed, 2, i))
-        scene = sample_scene(rng, cfg)
+    for scene, texts in retrieval_items(n, captions_per_image=captions_per_image, seed=seed, cfg=cfg):
         images.append(render_scene(scene))
-        captions.append(_captions(scene, rng, captions_per_image))
+        captions.append(texts)
     path = write_karpathy(root / 'dataset_synthetic.json', root, images, captions, filepath='images')
     write_wds(root / 'wds', images, captions, ext='jpg', shard_size=max(1, n))
     return path

@@ -289,6 +289,7 @@ def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunSt
     return {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler is not None else {}, 'step': state.step,
             'data_phase': state.data_phase, 'data': data, 'rng': rng, 'mask_threshold': masker.threshold_value,
+            'mask_progress': masker.progress,
             'skipped_steps': state.skipped_steps, 'world_size': world_size, 'model_name': cfg.model,
             'config': asdict(cfg)}
 

@@ -145,7 +145,7 @@ def test_eval_cli_on_a_stock_open_clip_checkpoint(tmp_path, classification_root,
     assert rows[0]['top1'] == expected['top1'] and rows[0]['mean_per_class_recall'] == expected['mean_per_class_recall']
     printed = capsys.readouterr().out
     assert 'zeroshot_classification' in printed and 'zero-shot mean top-1 over 1 sets' in printed
-    with pytest.raises(SystemExit, match='--masked needs --set masking.strategy'):
+    with pytest.raises(SystemExit, match='--masked needs a masking: a random init records none'):
         run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--masked'])
     with pytest.raises(SystemExit, match="cluster_glip eval: --set lr=0.1: only masking.. can be set here.*not field 'lr'"):
         run_cli(['--model', 'eval-test-tiny', '--suite', str(tmp_path / 'suite.yaml'), '--set', 'lr=0.1'])
@@ -173,6 +173,48 @@ def test_eval_cli_masked_on_a_cluster_glip_checkpoint(tmp_path, classification_r
     assert row['top1'] == direct['top1'] and row['mean_per_class_recall'] == direct['mean_per_class_recall']
     full = ev.image_features(loaded, evalset)[0]
     assert not torch.allclose(full, ev.image_features(loaded, evalset, masked=True, seed=5)[0], atol=1e-3)
+
+
+def test_eval_cli_masks_as_the_checkpoint_trained_and_never_calibrates_on_eval_data(tmp_path, classification_root,
+                                                                                   monkeypatch):
+    "A calibrated cluster run evaluated `--masked` with no --set: its strategy, parameters, τ and progress; no calibration."
+    from cluster_glip.config import load_config
+    from cluster_glip.masking import PatchMasker
+    from cluster_glip.rundir import load_checkpoint
+    from cluster_glip.synthetic import write_synthetic_shards
+    from cluster_glip.train import train
+    masking = {'strategy': 'cluster', 'ratio': 0.5, 'threshold': 'calibrated', 'budget': 'paper', 'min_drop': 0.3,
+               'features': 'fused'}
+    shards = write_synthetic_shards(tmp_path / 'shards', 64, shard_size=64, processes=1)['shards']
+    summary = train(load_config('tiny', model='tiny-vit-32', train_data=shards, batch_size=16, steps=6, warmup=1, workers=0,
+                                tune_steps=0, progress_bar=False, device='cpu', masking=masking, output_dir=str(tmp_path / 'run')))
+    saved = load_checkpoint(summary['checkpoint'])
+    assert saved['mask_threshold'] is not None and saved['mask_progress'] > 0
+    (tmp_path / 'suite.yaml').write_text(json.dumps({'root': str(classification_root.parent), 'tasks': [
+        {'task': 'zeroshot_classification', 'dataset': 'nouns', 'path': classification_root.name}]}))
+    argv = ['--checkpoint', summary['checkpoint'], '--suite', str(tmp_path / 'suite.yaml'), '--masked', '--device', 'cpu',
+            '--workers', '0']
+    # the installed command, end to end
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, '-c', 'import sys; from cluster_glip.cli import main; sys.exit(main())', 'eval',
+                             *argv, '--out', str(tmp_path / 'command.jsonl')], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, 'PYTHONPATH': str(root), 'OMP_NUM_THREADS': '1'})
+    assert result.returncode == 0, result.stderr
+    row, = [json.loads(line) for line in (tmp_path / 'command.jsonl').read_text().splitlines()]
+    assert (row['status'], row['masked'], row['mask_strategy'], row['mask_ratio'], row['mask_threshold']) == \
+        ('ok', True, 'cluster', 0.5, saved['mask_threshold'])
+    # the same in this process, counting calibrations
+    calls, calibrate = [], PatchMasker.calibrate
+    monkeypatch.setattr(PatchMasker, 'calibrate', lambda self, *a, **k: calls.append(1) or calibrate(self, *a, **k))
+    run_cli(argv + ['--out', str(tmp_path / 'rows.jsonl')])
+    again, = [json.loads(line) for line in (tmp_path / 'rows.jsonl').read_text().splitlines()]
+    assert again['top1'] == row['top1'] and again['mask_threshold'] == saved['mask_threshold'] and calls == []
+    with pytest.raises(SystemExit, match="no cluster threshold τ .threshold 'calibrated'.: it is calibrated on training data"):
+        run_cli(argv + ['--set', 'masking.ratio=0.7'])               # another ratio: the saved τ does not apply
+    assert calls == []
+    torch.save(load_checkpoint(summary['checkpoint'])['state_dict'], tmp_path / 'stock.pt')
+    with pytest.raises(SystemExit, match='--masked needs a masking: .*stock.pt records none'):
+        run_cli(['--checkpoint', str(tmp_path / 'stock.pt'), '--model', 'tiny-vit-32', *argv[2:]])
 
 
 def test_eval_cli_mask_strategy_gives_both_columns_where_the_suite_asks(tmp_path, classification_root):
