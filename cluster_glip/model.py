@@ -233,14 +233,14 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
 
 # %% ../nbs/01_model.ipynb #c0d1e5a2
 def resize_positional_embedding(model: CLIP, image_size: int) -> bool:
-    "Make `model`'s image tower one of `image_size` px: positional embedding resized in place by open_clip's `resize_pos_embed`. False if it already is."
+    "Make `model`'s image tower one of `image_size` px: a new positional embedding, open_clip's `resize_pos_embed` of the old. False if it already is."
     visual = model.visual
     grid = (image_size // visual.patch_size[0], image_size // visual.patch_size[1])
     if tuple(visual.grid_size) == grid: return False
     state = {'visual.positional_embedding': visual.positional_embedding.detach()}   # [1 + G0·G1, D]
     visual.image_size, visual.grid_size = (image_size, image_size), grid
     resize_pos_embed(state, model)                                                  # [1 + g0·g1, D]
-    visual.positional_embedding.data = state['visual.positional_embedding'].contiguous()
+    visual.positional_embedding = nn.Parameter(state['visual.positional_embedding'].contiguous())
     set_model_preprocess_cfg(model, merge_preprocess_dict(visual.preprocess_cfg, {'size': visual.image_size}))
     return True
 

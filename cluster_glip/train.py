@@ -329,6 +329,15 @@ def checkpoint_run(folder: Path, cfg: TrainConfig, env: DistEnv, model: nn.Modul
     return path
 
 # %% ../nbs/06_train.ipynb #1bba4442
+def _resize_model(model: nn.Module, optimizer, image_size: int | None) -> bool:
+    "Make `model` one of `image_size` px (if given and not already); `optimizer` follows to the new embedding, no moments."
+    old = model.visual.positional_embedding
+    if image_size is None or not resize_positional_embedding(model, image_size): return False
+    for group in optimizer.param_groups: group['params'] = [model.visual.positional_embedding if p is old else p
+                                                             for p in group['params']]
+    optimizer.state.pop(old, None)                                                 # moments of the old shape
+    return True
+
 def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, optimizer, scaler,
                loaders: dict, schedule: Schedule) -> tuple[RunState, dict]:
     "Restore a run from the checkpoint at `path` into the freshly built objects; the state to go on from, its record."
@@ -337,7 +346,7 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
         raise ConfigError(f"config field 'resume': {path} holds a {ckpt.get('model_name')!r} model, this run "
                           f'trains {cfg.model!r}')
     record = check_resume(path, ckpt.get('config', {}), ckpt['step'], cfg, schedule.total)
-    resize_positional_embedding(model, schedule.image_size[ckpt['data_phase']])  # the phase's geometry (RECLIP)
+    _resize_model(model, optimizer, schedule.image_size.get(ckpt['data_phase']))  # the phase's geometry (RECLIP)
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -377,11 +386,10 @@ def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimize
     starts = phase != state.data_phase
     model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
     size = schedule.image_size.get(phase)
-    resized = size is not None and resize_positional_embedding(model, size)
+    resized = _resize_model(model, optimizer, size)
     if starts and phase == 'tune':
         if cfg.tune_optimizer == 'fresh':
             optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
-        elif resized: optimizer.state.pop(model.visual.positional_embedding, None)   # moments of the old shape
         if log is not None:
             log.log({'event': 'phase', 'step': state.step, 'phase': phase, 'optimizer': cfg.tune_optimizer,
                      'image_size': size, 'positional_embedding': list(model.visual.positional_embedding.shape)})
@@ -426,10 +434,8 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         seed_everything(derived_seed(cfg.seed, 'process', env.rank))  # own streams per process; masks seeded per step
         mask_generators = [torch.Generator(env.device) for _ in range(cfg.accum_steps)]
         loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0])
-        resize_positional_embedding(model, schedule.image_size['main'])  # RECLIP: a model of the low resolution
         state, resumed = (RunState(), None) if resume_from is None else \
             resume_run(resume_from, cfg, env, model, optimizer, scaler, loaders, schedule)
-        step_model = wrap_model(model, env, cfg.compile)
         log = MetricsLog(out_dir, enabled=env.is_main, resume_step=None if resume_from is None else state.step)
         if resumed: log.log(resumed)
         if env.is_main: (out_dir/'config.yaml').write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -441,10 +447,10 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         while state.step < schedule.total:
             phase = schedule.phase(state.step)
             if phase != stream_phase:  # a phase starts (or the run resumes): masker, image size, optimiser, data
-                loader, stream_phase, flops = loaders[phase], phase, None
                 batches, optimizer, resized = start_phase(phase, cfg, model, masker, optimizer, loaders, schedule,
                                                           state, log)
-                if resized: step_model = wrap_model(model, env, cfg.compile)   # DDP over the new embedding
+                if resized or stream_phase is None: step_model = wrap_model(model, env, cfg.compile)  # DDP: new shapes
+                loader, stream_phase, flops = loaders[phase], phase, None
             micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
                              for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
             lr = schedule.lr(state.step, cfg)
