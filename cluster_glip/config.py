@@ -58,7 +58,9 @@ class TrainConfig:
     tune_steps: int = 0
     tune_epochs: float | None = None       # alternative to tune_steps
     tune_lr: float = 1e-5
-    tune_warmup: int = 0
+    tune_warmup: int = 0                   # the tuning phase's own linear warmup, in optimiser steps
+    tune_optimizer: Literal['fresh', 'carry'] = 'fresh'  # 'fresh': a new AdamW at the tuning phase's start, as GLIP
+                                           #   tunes in a new open_clip run; 'carry': keep the main phase's state
     tune_batch_size: int | None = None     # None: batch_size
     tune_image_size: int | None = None     # None: the model's own resolution
     # output, checkpoints, logging

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['CONFIG_DIR', 'TINY_MODELS', 'self_attention', 'residual_block', 'positional_embedding', 'patch_tokens', 'gather_kept',
            'key_mask', 'run_blocks', 'pool', 'encode_tokens', 'class_attention', 'MaskedCLIP', 'create_model',
-           'patch_slice', 'kept_rows', 'forward_gflops', 'compile_model']
+           'resize_positional_embedding', 'patch_slice', 'kept_rows', 'forward_gflops', 'compile_model']
 
 # %% ../nbs/01_model.ipynb #6c75d9f5
 import math, os
@@ -16,7 +16,7 @@ import open_clip
 import torch
 from fastcore.basics import patch
 import torch.nn.functional as F
-from open_clip.model import CLIP, get_cast_dtype, convert_weights_to_lp, set_model_preprocess_cfg
+from open_clip.model import CLIP, get_cast_dtype, convert_weights_to_lp, resize_pos_embed, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
@@ -233,6 +233,20 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
     if precision in ('pure_bf16', 'pure_fp16'): model.to(torch.bfloat16 if precision == 'pure_bf16' else torch.float16)
     set_model_preprocess_cfg(model, merge_preprocess_dict(preprocess, {'size': model.visual.image_size}))
     return model
+
+# %% ../nbs/01_model.ipynb #c0d1e5a2
+def resize_positional_embedding(model: CLIP, image_size: int) -> bool:
+    "Make `model`'s image tower one of `image_size` px: a new positional embedding, open_clip's `resize_pos_embed` of the old. False if it already is."
+    visual = model.visual
+    grid = (image_size // visual.patch_size[0], image_size // visual.patch_size[1])
+    if tuple(visual.grid_size) == grid: return False
+    state = {'visual.positional_embedding': visual.positional_embedding.detach()}   # [1 + G0·G1, D]
+    visual.image_size, visual.grid_size = (image_size, image_size), grid
+    resize_pos_embed(state, model)                                                  # [1 + g0·g1, D]
+    visual.positional_embedding = nn.Parameter(state['visual.positional_embedding'].contiguous())
+    set_model_preprocess_cfg(model, merge_preprocess_dict(visual.preprocess_cfg, {'size': visual.image_size}))
+    return True
+
 
 # %% ../nbs/01_model.ipynb #9c9c2966
 def patch_slice(index: int, grid_width: int, patch_size: int) -> tuple[slice, slice]:

@@ -7,12 +7,12 @@ __all__ = ['PEAK_TFLOPS', 'DistEnv', 'init_distributed', 'cosine_lr', 'rng_state
            'train_flops_per_sample', 'Throughput', 'RunState', 'train_record', 'evaluate_in_training', 'derived_seed',
            'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold', 'preflight',
            'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload', 'checkpoint_run',
-           'resume_run', 'wrap_model', 'run_summary', 'train', 'plot_loss', 'train_cli']
+           'resume_run', 'wrap_model', 'start_phase', 'run_summary', 'train', 'plot_loss', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #3e335f01
 import hashlib, math, os, random, sys, time
 from collections import Counter
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .masking import PatchMasker
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
-from .model import compile_model, create_model, patch_tokens
+from .model import compile_model, create_model, patch_tokens, resize_positional_embedding
 from .step import make_optimizer, make_scaler, train_step
 from .rundir import (CheckpointError, DiskWriteError, MetricsLog, check_resume, find_resume,
                                  list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, run_lock,
@@ -251,9 +251,10 @@ def init_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple:
 # %% ../nbs/06_train.ipynb #33b57ec8
 @dataclass
 class Schedule:
-    "The run's phases in optimiser steps: `main_steps` masked, then `tune_steps` unmasked."
+    "The run's phases in optimiser steps: `main_steps` masked, then `tune_steps` unmasked; each phase's image size."
     main_steps: int
     tune_steps: int = 0
+    image_size: dict = field(default_factory=dict, compare=False)  # {'main': px, 'tune': px}
 
     @property
     def total(self) -> int: return self.main_steps + self.tune_steps
@@ -266,9 +267,12 @@ class Schedule:
         return cosine_lr(step - self.main_steps, cfg.tune_lr, cfg.tune_warmup, self.tune_steps)
 
 # %% ../nbs/06_train.ipynb #4f80d7dd
+def _phase_image_size(cfg: TrainConfig, phase: str, native_size: int) -> int:
+    return (cfg.image_size if phase == 'main' else cfg.tune_image_size) or native_size
+
 def _phase_loader(cfg: TrainConfig, phase: str, native_size: int):
     batch_size = cfg.batch_size if phase == 'main' else cfg.tune_batch_size or cfg.batch_size
-    image_size = (cfg.image_size if phase == 'main' else cfg.tune_image_size) or native_size
+    image_size = _phase_image_size(cfg, phase, native_size)
     return train_loader(cfg.train_data, batch_size=batch_size, image_size=image_size, num_samples=cfg.train_num_samples,
                         workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **cfg.data)
 
@@ -280,7 +284,7 @@ def phase_loaders(cfg: TrainConfig, native_size: int) -> tuple[dict, Schedule]:
     if cfg.tune_steps or cfg.tune_epochs:
         loaders['tune'] = _phase_loader(cfg, 'tune', native_size)
         tune_steps = cfg.tune_steps or max(1, round(cfg.tune_epochs * len(loaders['tune']) / cfg.accum_steps))
-    return loaders, Schedule(main_steps, tune_steps)
+    return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders})
 
 # %% ../nbs/06_train.ipynb #52422f0c
 def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunState, data: list, rng: list,
@@ -326,6 +330,15 @@ def checkpoint_run(folder: Path, cfg: TrainConfig, env: DistEnv, model: nn.Modul
     return path
 
 # %% ../nbs/06_train.ipynb #1bba4442
+def _resize_model(model: nn.Module, optimizer, image_size: int | None) -> bool:
+    "Make `model` one of `image_size` px (if given and not already); `optimizer` follows to the new embedding, no moments."
+    old = model.visual.positional_embedding
+    if image_size is None or not resize_positional_embedding(model, image_size): return False
+    for group in optimizer.param_groups: group['params'] = [model.visual.positional_embedding if p is old else p
+                                                             for p in group['params']]
+    optimizer.state.pop(old, None)                                                 # moments of the old shape
+    return True
+
 def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, optimizer, scaler,
                loaders: dict, schedule: Schedule) -> tuple[RunState, dict]:
     "Restore a run from the checkpoint at `path` into the freshly built objects; the state to go on from, its record."
@@ -334,6 +347,7 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
         raise ConfigError(f"config field 'resume': {path} holds a {ckpt.get('model_name')!r} model, this run "
                           f'trains {cfg.model!r}')
     record = check_resume(path, ckpt.get('config', {}), ckpt['step'], cfg, schedule.total)
+    _resize_model(model, optimizer, schedule.image_size.get(ckpt['data_phase']))  # the phase's geometry (RECLIP)
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -365,6 +379,23 @@ def _start_stream(loader, phase: str, state: RunState):
     if phase != state.data_phase: loader.set_epoch(0)
     state.data_phase = phase
     return iter(_forever(loader))
+
+# %% ../nbs/06_train.ipynb #5a7e0c02
+def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimizer, loaders: dict, schedule: Schedule,
+                state: RunState, log=None) -> tuple:
+    "Set the model up for `phase` (masker, image size, a fresh optimiser when tuning starts); its stream, optimiser, resized?"
+    starts = phase != state.data_phase
+    model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
+    size = schedule.image_size.get(phase)
+    resized = _resize_model(model, optimizer, size)
+    if starts and phase == 'tune':
+        if cfg.tune_optimizer == 'fresh':
+            optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+        if log is not None:
+            log.log({'event': 'phase', 'step': state.step, 'phase': phase, 'optimizer': cfg.tune_optimizer,
+                     'image_size': size, 'positional_embedding': list(model.visual.positional_embedding.shape)})
+    return _start_stream(loaders[phase], phase, state), optimizer, resized
+
 
 # %% ../nbs/06_train.ipynb #96f3bf15
 def run_summary(state: RunState, cfg: TrainConfig, masker, loaders: dict, log, checkpoint: Path | None,
@@ -400,13 +431,12 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         if env.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if cfg.threads: torch.set_num_threads(cfg.threads)
         model, optimizer, scaler = init_model_and_optimizer(cfg, env.device)
-        masker, unmasked = model.masker, PatchMasker('none', patch_size=model.masker.patch_size)
+        masker = model.masker
         seed_everything(derived_seed(cfg.seed, 'process', env.rank))  # own streams per process; masks seeded per step
         mask_generators = [torch.Generator(env.device) for _ in range(cfg.accum_steps)]
         loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0])
         state, resumed = (RunState(), None) if resume_from is None else \
             resume_run(resume_from, cfg, env, model, optimizer, scaler, loaders, schedule)
-        step_model = wrap_model(model, env, cfg.compile)
         log = MetricsLog(out_dir, enabled=env.is_main, resume_step=None if resume_from is None else state.step)
         if resumed: log.log(resumed)
         if env.is_main: (out_dir/'config.yaml').write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -417,10 +447,11 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         model.train()
         while state.step < schedule.total:
             phase = schedule.phase(state.step)
-            if phase != stream_phase:  # a phase starts (or the run resumes): its data stream and masker
+            if phase != stream_phase:  # a phase starts (or the run resumes): masker, image size, optimiser, data
+                batches, optimizer, resized = start_phase(phase, cfg, model, masker, optimizer, loaders, schedule,
+                                                          state, log)
+                if resized or stream_phase is None: step_model = wrap_model(model, env, cfg.compile)  # DDP: new shapes
                 loader, stream_phase, flops = loaders[phase], phase, None
-                batches = _start_stream(loader, phase, state)
-                model.masker = masker if phase == 'main' else unmasked
             micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
                              for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
             lr = schedule.lr(state.step, cfg)

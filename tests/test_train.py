@@ -113,6 +113,26 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shards,
     for key in weights[0]: assert torch.allclose(weights[0][key], weights[1][key], atol=1e-4, rtol=1e-3), key
 
 
+def test_reclip_in_two_gloo_processes_matches_one_process_across_the_resolution_switch(shards, tmp_path):
+    """RECLIP under DDP: 3 steps at 16 px (a 1 + 2·2 positional embedding), then 2 tuning steps at 32 px (1 + 4·4, the
+    model wrapped again in DDP over the resized embedding, a fresh AdamW): 2 processes train like 1 with accumulation."""
+    common = tiny_fields(shards, tmp_path, steps=3, tune_steps=2, checkpoint_every=5, image_size=16,
+                         masking={'strategy': 'none'})
+    two = {**common, 'output_dir': str(tmp_path / 'two'), 'workers': 1}
+    one = {**common, 'output_dir': str(tmp_path / 'one'), 'workers': 2, 'accum_steps': 2}
+    run = lambda launcher, fields: subprocess.run([*launcher, '-m', 'cluster_glip.train', '--config', 'tiny', *cli(fields)],
+                                                  env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
+    for result in (run(torchrun, two), run([sys.executable], one)): assert result.returncode == 0, result.stderr[-3000:]
+    two_losses, one_losses = losses(tmp_path / 'two'), losses(tmp_path / 'one')
+    assert sorted(two_losses) == sorted(one_losses) == [1, 2, 3, 4, 5]
+    for step in two_losses: assert math.isclose(two_losses[step], one_losses[step], rel_tol=1e-4), (step, two_losses, one_losses)
+    weights = [torch.load(tmp_path / name / 'checkpoints' / f'step_0000000{s}.pt', weights_only=True)['state_dict']
+               for name in ('two', 'one') for s in (3, 5)]
+    assert [tuple(w['visual.positional_embedding'].shape) for w in weights] == [(5, 64), (17, 64)] * 2
+    for key in weights[1]: assert torch.allclose(weights[1][key], weights[3][key], atol=1e-4, rtol=1e-3), key
+
+
 # -- exact resume after SIGKILL ---------------------------------------------------------------------------------------
 
 def test_a_run_killed_with_sigkill_resumes_with_bitwise_the_same_losses(shards, tmp_path):
