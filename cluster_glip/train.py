@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PEAK_TFLOPS', 'DistEnv', 'init_distributed', 'cosine_lr', 'rng_state', 'set_rng_state', 'peak_tflops',
            'train_flops_per_sample', 'Throughput', 'RunState', 'train_record', 'evaluate_in_training', 'derived_seed',
-           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold', 'preflight',
-           'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload', 'checkpoint_run',
+           'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold', 'calibration_due',
+           'preflight', 'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload', 'checkpoint_run',
            'resume_run', 'wrap_model', 'start_phase', 'run_summary', 'train', 'plot_loss', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #3e335f01
@@ -22,7 +22,7 @@ import yaml
 from fastcore.script import call_parse, Param
 from tqdm.auto import tqdm
 
-from .masking import PatchMasker
+from .masking import PatchMasker, fusion_weight
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens, resize_positional_embedding
 from .step import make_optimizer, make_scaler, train_step
@@ -130,10 +130,11 @@ class Throughput:
 # %% ../nbs/06_train.ipynb #5844d669
 @dataclass
 class RunState:
-    "What the loop advances and a checkpoint stores: steps done, steps skipped as non-finite, the data's phase."
+    "What the loop advances and a checkpoint stores: steps done, steps skipped as non-finite, the data phase, the τ history."
     step: int = 0
     skipped_steps: int = 0
     data_phase: str = 'main'
+    calibrations: list[dict] = field(default_factory=list)  # every calibration: step, progress, fusion weight, τ
 
 # %% ../nbs/06_train.ipynb #08f3181e
 def _mean_over_processes(result: dict, world_size: int) -> tuple:
@@ -206,11 +207,26 @@ def calibrate_run_threshold(model: nn.Module, images: torch.Tensor,
         masker.threshold_value = threshold = value.item()
     return threshold
 
-def _calibrate_at_start(model: nn.Module, images: torch.Tensor, seed: int, log):
-    "Step 0 of a fresh run: calibrate the threshold from the run's seed and log it (if the masker is calibrated)."
-    generator = torch.Generator(images.device).manual_seed(derived_seed(seed, 'calibrate'))
+# %% ../nbs/06_train.ipynb #b17c2a02
+def calibration_due(masker: PatchMasker, calibrations: list[dict]) -> bool:
+    "Whether to calibrate now: a calibrated threshold never found yet, or found at another fusion weight than now."
+    if masker.params.get('threshold') != 'calibrated': return False
+    if not calibrations: return True
+    weight = lambda progress: fusion_weight(masker.params['features'], masker.params['fusion'], progress)
+    return weight(calibrations[-1]['progress']) != weight(masker.progress)
+
+def _calibrate_if_due(model: nn.Module, images: torch.Tensor, state: RunState, seed: int, log) -> float | None:
+    "Calibrate the threshold on `images` when due; the value goes into the τ history of `state` and the log."
+    masker = model.masker
+    if not calibration_due(masker, state.calibrations): return None
+    later = [state.step] if state.step else []   # step 0 keeps the seed of the single calibration of earlier versions
+    generator = torch.Generator(images.device).manual_seed(derived_seed(seed, 'calibrate', *later))
     threshold = calibrate_run_threshold(model, images, generator)
-    if threshold is not None: log.log({'event': 'calibration', 'step': 0, 'mask_threshold': threshold})
+    w = fusion_weight(masker.params['features'], masker.params['fusion'], masker.progress)
+    state.calibrations.append(record := {'step': state.step, 'progress': masker.progress, 'fusion_weight': w,
+                                         'mask_threshold': threshold})
+    log.log({'event': 'calibration', **record})
+    return threshold
 
 # %% ../nbs/06_train.ipynb #1c62a56e
 from .config import check_batches_fit, check_device
@@ -293,7 +309,7 @@ def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunSt
     return {'state_dict': model.state_dict(), 'optimizer': optimizer.state_dict(),
             'scaler': scaler.state_dict() if scaler is not None else {}, 'step': state.step,
             'data_phase': state.data_phase, 'data': data, 'rng': rng, 'mask_threshold': masker.threshold_value,
-            'mask_progress': masker.progress,
+            'mask_progress': masker.progress, 'mask_calibrations': state.calibrations,
             'skipped_steps': state.skipped_steps, 'world_size': world_size, 'model_name': cfg.model,
             'config': asdict(cfg)}
 
@@ -351,7 +367,9 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
-    state = RunState(ckpt['step'], ckpt['skipped_steps'], ckpt['data_phase'])
+    step0 = [{'step': 0, 'progress': 0.0, 'mask_threshold': ckpt['mask_threshold']}]  # older checkpoints: step 0 only
+    state = RunState(ckpt['step'], ckpt['skipped_steps'], ckpt['data_phase'],
+                     ckpt.get('mask_calibrations', step0 if ckpt['mask_threshold'] is not None else []))
     model.masker.threshold_value = ckpt['mask_threshold']
     if ckpt['world_size'] != env.world_size:
         raise RuntimeError(f"{path} was written by {ckpt['world_size']} processes, this run has "
@@ -457,7 +475,7 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
             lr = schedule.lr(state.step, cfg)
             if phase == 'main':
                 masker.progress = epoch_progress(state.step, schedule.main_steps, len(loader), cfg.accum_steps)
-                if not (state.step or resume_from): _calibrate_at_start(model, micro_batches[0][0], cfg.seed, log)
+                _calibrate_if_due(model, micro_batches[0][0], state, cfg.seed, log)
             if flops is None: flops = train_flops_per_sample(model, *(x[:2] for x in micro_batches[0]), cfg.accum_steps)
             for group in optimizer.param_groups: group['lr'] = lr
             seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
