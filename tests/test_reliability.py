@@ -2,7 +2,7 @@
 and inside checkpoint writes, shards arrive damaged in every way and one vanishes mid-run, NaNs reach the loss and the
 gradients, a rank of a 2-process run crashes, configs and checkpoints are bad or malicious. Each fault goes into the
 ledger (`conftest.py`), whose summary is printed at the end of the session."""
-import json, os, random, re, signal, struct, subprocess, sys, tarfile, time, zlib
+import os, random, re, signal, struct, subprocess, sys, tarfile, time, zlib
 from collections import Counter
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from cluster_glip.rundir import CheckpointError, list_checkpoints, load_checkpoi
 from cluster_glip.train import train
 import cluster_glip.step as step_module
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
+from tiny_runs import ENV, overrides, run_fields
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,13 +31,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def fields(shards: str, out: Path, **extra) -> dict:
-    return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 8,
-            'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 1000, 'progress_bar': False,
-            'device': 'cpu', 'tune_steps': 0, 'threads': 1, 'masking': {'strategy': 'cluster', 'ratio': 0.5}, **extra}
-
-
-def overrides(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in ('--set', f'{key}={json.dumps(value)}')]
+    return run_fields(shards, out, **{'checkpoint_every': 1000, **extra})
 
 
 def final_weights(out: Path) -> dict:

@@ -2,14 +2,13 @@
 simulated two ways, both without root: an `open` for the train module whose files fail with ENOSPC once a byte budget is
 spent (after writing what fits, as the kernel does), and a real kernel limit, RLIMIT_FSIZE, under which a write past the
 limit fails with EFBIG. Each fault goes into the ledger (`conftest.py`)."""
-import errno, json, os, random, resource, signal, subprocess, sys
+import errno, json, os, random, subprocess, sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-import cluster_glip
 import cluster_glip.rundir as rundir_module
 import cluster_glip.train as train_module
 from cluster_glip.cli import main
@@ -20,9 +19,8 @@ from cluster_glip.synthetic import write_synthetic_shards
 from cluster_glip.rundir import CheckpointError, list_checkpoints, load_checkpoint, read_metrics
 from cluster_glip.train import train
 
-PACKAGE_ROOT = Path(cluster_glip.__file__).resolve().parents[1]   # subprocesses run the code this process tests
-ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(PACKAGE_ROOT), os.environ.get('PYTHONPATH', '')]),
-       'OMP_NUM_THREADS': '1'}
+from tiny_runs import ENV, overrides, run_fields
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,14 +30,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def fields(shards: str, out: Path, **extra) -> dict:
-    return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 8,
-            'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 2, 'keep_last': 8,
-            'progress_bar': False, 'device': 'cpu', 'tune_steps': 0, 'threads': 1,
-            'masking': {'strategy': 'cluster', 'ratio': 0.5}, **extra}
-
-
-def overrides(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in ('--set', f'{key}={json.dumps(value)}')]
+    return run_fields(shards, out, **{'checkpoint_every': 2, 'keep_last': 8, **extra})
 
 
 def train_command(run: dict) -> list[str]:

@@ -16,8 +16,8 @@ from cluster_glip.rundir import run_lock
 from cluster_glip.rundir import list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics
 from cluster_glip.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
+from tiny_runs import ENV, overrides, run_fields
+
 pytestmark = pytest.mark.slow
 
 # `cluster_glip train` with every optimiser step slowed by STEP_SLEEP seconds: a run that stays alive long enough to
@@ -41,14 +41,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def fields(shards: str, out: Path, **extra) -> dict:
-    return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 8,
-            'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 4, 'keep_last': 5,
-            'progress_bar': False, 'device': 'cpu', 'tune_steps': 0, 'threads': 1,
-            'masking': {'strategy': 'cluster', 'ratio': 0.5}, **extra}
-
-
-def overrides(values: dict) -> list[str]:
-    return [arg for key, value in values.items() for arg in ('--set', f'{key}={json.dumps(value)}')]
+    return run_fields(shards, out, **{'checkpoint_every': 4, 'keep_last': 5, **extra})
 
 
 def launch(run: dict, step_sleep: float = 0.0) -> subprocess.Popen:

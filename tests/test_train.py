@@ -2,7 +2,7 @@
 exactly, the loss falls for every masking strategy on the synthetic data, and a compiled model trains like the eager one.
 (A run with calibration, a tuning phase, an evaluation hook and a resume inside the tuning phase is an example in
 `nbs/06_train.ipynb`, section 7.)"""
-import json, math, os, signal, socket, subprocess, sys, time
+import math, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,7 @@ from cluster_glip.step import contrastive_loss
 from cluster_glip.rundir import read_metrics
 from cluster_glip.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]),
-       'OMP_NUM_THREADS': '1'}
+from tiny_runs import ENV, overrides
 
 
 def free_port() -> int:
@@ -40,11 +38,6 @@ def tiny_fields(shards: str, out: Path, **fields) -> dict:
     return {'model': 'tiny-vit-32', 'train_data': shards, 'output_dir': str(out), 'batch_size': 16, 'steps': 6,
             'warmup': 2, 'lr': 1e-3, 'workers': 0, 'log_every': 1, 'checkpoint_every': 1000, 'progress_bar': False,
             'device': 'cpu', 'tune_steps': 0, 'masking': {'strategy': 'cluster', 'ratio': 0.5}, **fields}
-
-
-def cli(fields: dict) -> list[str]:
-    "`--set field=value` arguments for `fields` (values as YAML/JSON)."
-    return [arg for key, value in fields.items() for arg in ('--set', f'{key}={json.dumps(value)}')]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -95,20 +88,26 @@ def test_loss_and_gradients_match_open_clip_across_two_gloo_processes(tmp_path):
 
 # -- 2 processes train like 1 -----------------------------------------------------------------------------------------
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shards, tmp_path):
-    """2 processes × 1 micro-batch of 16 (torchrun, gloo, DDP) against 1 process × 2 micro-batches of 16 (gradient
-    accumulation): the same global batches (reader k of the data is rank k there, worker k here), the same cluster
-    masks (seeded per step and global micro-batch), so the same losses and weights up to float rounding."""
-    common = tiny_fields(shards, tmp_path, steps=5, checkpoint_every=5)
+def two_processes_train_like_one(common: dict, tmp_path: Path):
+    """Run `common` as 2 processes × 1 micro-batch (torchrun, gloo, DDP; into tmp_path/two) and as 1 process × 2
+    micro-batches (into tmp_path/one); both succeed and log the same losses at steps 1-5 up to float rounding."""
     two = {**common, 'output_dir': str(tmp_path / 'two'), 'workers': 1}
     one = {**common, 'output_dir': str(tmp_path / 'one'), 'workers': 2, 'accum_steps': 2}
-    run = lambda launcher, fields: subprocess.run([*launcher, '-m', 'cluster_glip.train', '--config', 'tiny', *cli(fields)],
+    run = lambda launcher, fields: subprocess.run([*launcher, '-m', 'cluster_glip.train', '--config', 'tiny', *overrides(fields)],
                                                   env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
     for result in (run(torchrun, two), run([sys.executable], one)): assert result.returncode == 0, result.stderr[-3000:]
     two_losses, one_losses = losses(tmp_path / 'two'), losses(tmp_path / 'one')
     assert sorted(two_losses) == sorted(one_losses) == [1, 2, 3, 4, 5]
     for step in two_losses: assert math.isclose(two_losses[step], one_losses[step], rel_tol=1e-4), (step, two_losses, one_losses)
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(shards, tmp_path):
+    """2 processes × 1 micro-batch of 16 (torchrun, gloo, DDP) against 1 process × 2 micro-batches of 16 (gradient
+    accumulation): the same global batches (reader k of the data is rank k there, worker k here), the same cluster
+    masks (seeded per step and global micro-batch), so the same losses and weights up to float rounding."""
+    common = tiny_fields(shards, tmp_path, steps=5, checkpoint_every=5)
+    two_processes_train_like_one(common, tmp_path)
     weights = [torch.load(tmp_path / name / 'checkpoints' / 'step_00000005.pt', weights_only=True)['state_dict'] for name in ('two', 'one')]
     for key in weights[0]: assert torch.allclose(weights[0][key], weights[1][key], atol=1e-4, rtol=1e-3), key
 
@@ -118,15 +117,7 @@ def test_reclip_in_two_gloo_processes_matches_one_process_across_the_resolution_
     model wrapped again in DDP over the resized embedding, a fresh AdamW): 2 processes train like 1 with accumulation."""
     common = tiny_fields(shards, tmp_path, steps=3, tune_steps=2, checkpoint_every=5, image_size=16,
                          masking={'strategy': 'none'})
-    two = {**common, 'output_dir': str(tmp_path / 'two'), 'workers': 1}
-    one = {**common, 'output_dir': str(tmp_path / 'one'), 'workers': 2, 'accum_steps': 2}
-    run = lambda launcher, fields: subprocess.run([*launcher, '-m', 'cluster_glip.train', '--config', 'tiny', *cli(fields)],
-                                                  env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2']
-    for result in (run(torchrun, two), run([sys.executable], one)): assert result.returncode == 0, result.stderr[-3000:]
-    two_losses, one_losses = losses(tmp_path / 'two'), losses(tmp_path / 'one')
-    assert sorted(two_losses) == sorted(one_losses) == [1, 2, 3, 4, 5]
-    for step in two_losses: assert math.isclose(two_losses[step], one_losses[step], rel_tol=1e-4), (step, two_losses, one_losses)
+    two_processes_train_like_one(common, tmp_path)
     weights = [torch.load(tmp_path / name / 'checkpoints' / f'step_0000000{s}.pt', weights_only=True)['state_dict']
                for name in ('two', 'one') for s in (3, 5)]
     assert [tuple(w['visual.positional_embedding'].shape) for w in weights] == [(5, 64), (17, 64)] * 2
@@ -138,7 +129,7 @@ def test_reclip_in_two_gloo_processes_matches_one_process_across_the_resolution_
 def test_a_run_killed_with_sigkill_resumes_with_bitwise_the_same_losses(shards, tmp_path):
     fields = tiny_fields(shards, tmp_path, model='tiny-vit-64', batch_size=24, steps=12, checkpoint_every=4, workers=1)
     command = lambda out, **extra: [sys.executable, '-m', 'cluster_glip.train', '--config', 'tiny',
-                                    *cli({**fields, 'output_dir': str(out), **extra})]
+                                    *overrides({**fields, 'output_dir': str(out), **extra})]
     whole = subprocess.run(command(tmp_path / 'whole'), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
