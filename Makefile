@@ -1,6 +1,7 @@
 # cluster_glip: every command a person needs, each doing its own set-up on a fresh machine.
 #   make demo   a short CPU run of the package's main job; prints where its outputs went
 #   make test   notebooks and library in step, notebook tests, then pytest
+#   make notebooks   re-execute every notebook and keep its outputs (what the docs show)
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
@@ -9,7 +10,7 @@ PY := $(BIN)/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: install test check-sync nbtest pytest demo gallery clean-nbs docs preview
+.PHONY: install test check-sync nbtest pytest demo gallery notebooks clean-nbs docs preview
 
 $(STAMP): setup.py settings.ini $(CONSTRAINTS)
 	[ -x $(PY) ] || python3 -m venv $(VENV)
@@ -55,6 +56,12 @@ gallery: install
 	mkdir -p $(DEMO_OUT)/gallery
 	$(BIN)/papermill nbs/experiments/mask_gallery.ipynb $(DEMO_OUT)/gallery/mask_gallery.ipynb -p out_dir $(DEMO_OUT)/gallery --no-progress-bar
 	@echo "gallery: executed notebook $(DEMO_OUT)/gallery/mask_gallery.ipynb; figures and mask_stats.json in $(DEMO_OUT)/gallery/"
+
+# Every notebook executed with its outputs kept (numbers and PNG figures under the examples), then cleaned as nbdev keeps
+# them: what the committed notebooks and the docs show. The experiment notebooks run a tiny CPU job (devtools/execute_nbs.py).
+notebooks: install
+	$(PY) devtools/execute_nbs.py
+	$(BIN)/nbdev_clean
 
 clean-nbs: install
 	$(BIN)/nbdev_clean
