@@ -10,31 +10,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masking import (Kept, MaskBatch, anchor_count, check_choice, check_number, check_ratio, fusion_weight,
-                                  keep_top, paper_budget, patch_features, register)
+from .masking import (
+    Kept, MaskBatch, anchor_count, check_choice, check_number, check_ratio, fusion_weight, keep_top, paper_budget,
+    patch_features, register)
 
 # %% auto #0
-__all__ = ['LUMA', 'SOBEL_X', 'PGS_DEFAULTS', 'PGS_RELEASED', 'sobel_magnitude', 'edge_map', 'cosine_matrix', 'pgs_similarity',
-           'sinkhorn', 'check_pgs', 'pgs_mask', 'released_patches', 'released_edge_map', 'released_sinkhorn',
-           'check_pgs_released', 'pgs_released_mask']
+__all__ = ['LUMA', 'SOBEL_X', 'PGS_DEFAULTS', 'PGS_RELEASED', 'sobel_kernels', 'sobel_magnitude', 'edge_map', 'cosine_matrix',
+           'pgs_similarity', 'sinkhorn', 'check_pgs', 'pgs_mask', 'released_patches', 'released_edge_map',
+           'released_sinkhorn', 'check_pgs_released', 'pgs_released_mask']
 
 # %% ../nbs/00b_pgs.ipynb #975434f3
 LUMA = (0.299, 0.587, 0.114)                                   # ITU-R BT.601 luminance weights of R, G, B
-SOBEL_X = ((-1., 0., 1.), (-2., 0., 2.), (-1., 0., 1.))         # the horizontal Sobel kernel; the vertical is its transpose
+SOBEL_X = ((-1., 0., 1.), (-2., 0., 2.), (-1., 0., 1.))        # horizontal Sobel kernel; the vertical is its transpose
+
+def sobel_kernels(device, dtype=torch.float32) -> Tensor:
+    "The horizontal and vertical Sobel kernels, built on `device` (no host-to-device copy): [2, 1, 3, 3]."
+    step = torch.arange(-1, 2, device=device, dtype=dtype)                                 # [-1, 0, 1]
+    kx = (2 - step.abs())[:, None] * step[None, :]                                         # [3, 3]: SOBEL_X
+    return torch.stack([kx, kx.T])[:, None]
 
 def sobel_magnitude(grey: Tensor, padding: str = 'replicate') -> Tensor:
-    "Sobel gradient magnitude of one-channel images, same size: [B, 1, H, W] -> [B, 1, H, W] (`padding` 'replicate' or 'zeros')."
-    kx = torch.tensor(SOBEL_X, dtype=grey.dtype, device=grey.device)
-    kernels = torch.stack([kx, kx.T])[:, None]                                             # [2, 1, 3, 3]
+    "Sobel gradient magnitude, `padding` 'replicate' or 'zeros': [B, 1, H, W] -> [B, 1, H, W]."
+    kernels = sobel_kernels(grey.device, grey.dtype)                                       # [2, 1, 3, 3]
     padded = F.pad(grey, (1, 1, 1, 1), mode='replicate' if padding == 'replicate' else 'constant')
     return F.conv2d(padded, kernels).pow(2).sum(1, keepdim=True).sqrt()                    # [B, 1, H, W]
 
 def edge_map(pixels: Tensor, patch_size: int) -> Tensor:
     "Mean Sobel magnitude of the luminance over each patch (row-major): [B, C, H, W] -> [B, L]."
     x = pixels.float()
-    c = x.shape[1]
-    weights = torch.tensor(LUMA, device=x.device) if c == 3 else torch.full((c,), 1 / c, device=x.device)
-    grey = (x * weights.view(1, c, 1, 1)).sum(1, keepdim=True)                            # [B, 1, H, W]
+    grey = sum(w * x[:, i:i + 1] for i, w in enumerate(LUMA)) if x.shape[1] == 3 else x.mean(1, keepdim=True)  # [B, 1, H, W]
     return F.avg_pool2d(sobel_magnitude(grey), patch_size).flatten(1)                     # [B, L]
 
 # %% ../nbs/00b_pgs.ipynb #09d527f7
@@ -47,17 +51,18 @@ def pgs_similarity(batch: MaskBatch, patches: Tensor, features: str, fusion: str
     "The pixel, token or fused (`w` from `progress`) similarity of every pair of patches: [B, L, L]."
     w = fusion_weight(features, fusion, batch.progress)
     if w > 0 and batch.tokens is None:
-        raise ValueError(f"pgs features {features!r} read the patch tokens (fusion weight {w:.3g} > 0): pass tokens [B, L, D]")
+        raise ValueError(f"pgs features {features!r} read the patch tokens (fusion weight {w:.3g}): "
+                         "pass tokens [B, L, D]")
     similarity = (1 - w) * cosine_matrix(patches) if w < 1 else 0
     return similarity + w * cosine_matrix(batch.tokens.detach().float()) if w > 0 else similarity
 
 def sinkhorn(similarity: Tensor, epsilon: float, steps: int) -> Tensor:
-    "Doubly stochastic scaling of the kernel exp(S/ε), `steps` log-domain Sinkhorn steps (rows, then columns): [B, L, L]."
+    "Doubly stochastic scaling of the kernel exp(S/ε): `steps` log-domain Sinkhorn steps (rows, columns): [B, L, L]."
     log_kernel = similarity / epsilon                                                       # [B, L, L]
     v = torch.zeros_like(log_kernel[:, :1, :])                                              # [B, 1, L]
     for _ in range(steps):
-        u = -torch.logsumexp(log_kernel + v, dim=2, keepdim=True)                           # [B, L, 1]: rows sum to 1
-        v = -torch.logsumexp(log_kernel + u, dim=1, keepdim=True)                           # [B, 1, L]: columns sum to 1
+        u = -torch.logsumexp(log_kernel + v, dim=2, keepdim=True)                           # [B, L, 1]: rows to 1
+        v = -torch.logsumexp(log_kernel + u, dim=1, keepdim=True)                           # [B, 1, L]: columns to 1
     return torch.exp(log_kernel + u + v)
 
 # %% ../nbs/00b_pgs.ipynb #53e328af
@@ -70,16 +75,17 @@ def check_pgs(params: dict, ratio: float):
     check_number('epsilon', params['epsilon'], 0, ends='(]', note=' (the Sinkhorn temperature)')
     check_number('sinkhorn_steps', params['sinkhorn_steps'], 1, integer=True)
 
-PGS_DEFAULTS = dict(features='fused', fusion='linear', anchor_ratio=0.05, edge_ratio=0.25, epsilon=0.2, sinkhorn_steps=50)
+PGS_DEFAULTS = dict(features='fused', fusion='linear', anchor_ratio=0.05, edge_ratio=0.25, epsilon=0.2,
+                    sinkhorn_steps=50)
 
 @register('pgs', PGS_DEFAULTS, check_pgs, reads_tokens=lambda p: p['features'] != 'rgb')
 def pgs_mask(batch: MaskBatch, features: str, fusion: str, anchor_ratio: float, edge_ratio: float, epsilon: float,
              sinkhorn_steps: int) -> Kept:
-    "CLIP-PGS as the paper states it (our reading): seeds off the edges, Sinkhorn-balanced similarity, edges kept, exact K."
+    "CLIP-PGS as the paper states it (our reading): seeds off the edges, Sinkhorn-balanced clusters, edges kept last."
     n_seeds, n_edges = anchor_count(batch.L, anchor_ratio), math.floor(batch.L * edge_ratio)
     edge = torch.zeros(batch.B, batch.L, dtype=torch.bool, device=batch.device)
     edge.scatter_(1, edge_map(batch.pixels, batch.patch_size).topk(n_edges, dim=1).indices, True)   # [B, L]
-    seeds = (batch.noise(batch.L) - edge.float()).topk(n_seeds, dim=1).indices                      # [B, n]: non-edge first
+    seeds = (batch.noise(batch.L) - edge.float()).topk(n_seeds, dim=1).indices                      # [B, n]: off edges
     plan = sinkhorn(pgs_similarity(batch, patch_features(batch.pixels, batch.patch_size), features, fusion),
                     epsilon, sinkhorn_steps)                                                        # [B, L, L]
     closeness = plan.gather(1, seeds[..., None].expand(-1, -1, batch.L)).amax(1)                    # [B, L]
@@ -104,7 +110,7 @@ def released_edge_map(patches: Tensor, grid: tuple[int, int]) -> Tensor:
     return (edges - low) / (high - low + 1e-6)
 
 def released_sinkhorn(matrix: Tensor, steps: int = 50, eps: float = 1e-3) -> Tensor:
-    "The release's 'Sinkhorn': divide by column sums + eps and row sums + eps, until both are within eps of 1: [B, L, L]."
+    "The release's 'Sinkhorn': divide by column and row sums + eps until both are within eps of 1: [B, L, L]."
     done = torch.zeros((), dtype=torch.bool, device=matrix.device)  # its early stop, batch-wide, without a host sync
     for _ in range(steps):
         columns, rows = matrix.sum(1, keepdim=True), matrix.sum(2, keepdim=True)               # [B, 1, L], [B, L, 1]
@@ -128,7 +134,7 @@ PGS_RELEASED = dict(features='fused', fusion='linear', anchor_ratio=0.05, thresh
 @register('pgs_released', PGS_RELEASED, check_pgs_released, reads_tokens=lambda p: p['features'] != 'rgb')
 def pgs_released_mask(batch: MaskBatch, features: str, fusion: str, anchor_ratio: float, threshold: float,
                       min_drop: float, padding: str) -> Kept:
-    "CLIP-PGS as its release runs it: noise edges, divergent 'Sinkhorn', edge seeds, τ clusters, batch-wide padded count."
+    "CLIP-PGS as released: noise edges, divergent 'Sinkhorn', edge seeds, τ clusters, one padded count per batch."
     patches = released_patches(batch.pixels, batch.patch_size)                              # [B, L, F]
     noise_edges = released_edge_map(patches, batch.grid)                                    # [B, L]
     similarity = pgs_similarity(batch, patches, features, fusion)                           # [B, L, L]
