@@ -322,11 +322,11 @@ def trim_clusters(similarity: Tensor, tau: float, k: int, noise: Tensor) -> Tens
     # keep unclustered patches first (random among them), then later clusters, the least similar patches of a cluster first
     return keep_top(first.float(), k, tiebreak=torch.where(clustered, -closeness, noise))
 
-def paper_budget(clustered: Tensor, min_drop: float, noise: Tensor) -> tuple[Tensor, Tensor]:
-    "The released code's `Lk` rule: indices [B, Lk] (visible patches first, then random clustered ones) and padding [B, Lk]."
+def paper_budget(clustered: Tensor, min_drop: float, noise: Tensor, extra: Tensor | int = 0) -> tuple[Tensor, Tensor]:
+    "The released code's `Lk` rule (`extra` slots beyond the most visible image's): indices [B, Lk], padding [B, Lk]."
     n = clustered.shape[1]
     visible = n - clustered.sum(1)                                                       # [B]
-    lk = max(1, min(math.floor(n * (1 - min_drop)), int(visible.max())))                # host sync: the batch's length
+    lk = max(1, min(math.floor(n * (1 - min_drop)), int(visible.max() + extra)))        # host sync: the batch's length
     indices = keep_top((~clustered).float(), lk, tiebreak=noise)                         # [B, Lk]
     return indices, clustered.gather(1, indices)                                         # padding: re-added clustered
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from cluster_glip.masking import (Kept, anchor_count, bisect_threshold, count_components, gaussian_prior, keep_count,
                                   keep_indices, keep_top, mask_patches, masked_fraction, paper_budget, trim_clusters,
                                   uniform_noise, visible_mask)
+from cluster_glip.pgs import cosine_matrix, edge_map, sinkhorn
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ratios = st.floats(0, 0.999, allow_nan=False)
@@ -33,7 +34,8 @@ EXACT = {  # strategy configs with an exact budget, each needing at least this m
     'random': ({}, 1), 'gaussian': ({'sigma': 0.2}, 1), 'cluster': ({}, 2),
     'cluster-fused': ({'features': 'fused', 'progress': 0.3}, 2), 'cluster-tau': ({'threshold': 0.6}, 2),
     'cluster-calibrated': ({'threshold': 'calibrated', 'normalize': 'image'}, 2), 'cluster-none': ({'normalize': 'none'}, 2),
-    'kmeans': ({'n_clusters': 2, 'steps': 3}, 2), 'attention': ({}, 1), 'block': ({'min_block': 2}, 1)}
+    'kmeans': ({'n_clusters': 2, 'steps': 3}, 2), 'attention': ({}, 1), 'block': ({'min_block': 2}, 1),
+    'pgs': ({}, 2), 'pgs-rgb': ({'features': 'rgb', 'edge_ratio': 0.1}, 2), 'pgs-fused': ({'progress': 0.3}, 2)}
 
 
 def run(config, pixels, ratio, patch, seed, **extra):
@@ -90,13 +92,13 @@ def test_count_components_matches_scipy(batch, gh, gw, density, seed):
 
 
 @SETTINGS
-@given(st.integers(1, 4), st.integers(2, 60), st.floats(0, 1), st.floats(0, 0.9), seeds)
-def test_paper_budget_pads_exactly_the_readded_clustered_patches(batch, n, density, min_drop, seed):
+@given(st.integers(1, 4), st.integers(2, 60), st.floats(0, 1), st.floats(0, 0.9), st.integers(0, 20), seeds)
+def test_paper_budget_pads_exactly_the_readded_clustered_patches(batch, n, density, min_drop, extra, seed):
     g = torch.Generator().manual_seed(seed)
     clustered = torch.rand(batch, n, generator=g) < density
-    indices, padding = paper_budget(clustered, min_drop, uniform_noise((batch, n), 'cpu', g))
+    indices, padding = paper_budget(clustered, min_drop, uniform_noise((batch, n), 'cpu', g), torch.tensor(float(extra)))
     visible = n - clustered.sum(1)
-    lk = max(1, min(math.floor(n * (1 - min_drop)), int(visible.max())))
+    lk = max(1, min(math.floor(n * (1 - min_drop)), int(visible.max()) + extra))  # extra: the PGS release's edge mass
     assert indices.shape == padding.shape == (batch, lk) and (indices.diff(dim=1) > 0).all()
     assert (padding == clustered.gather(1, indices)).all()
     assert ((~padding).sum(1) == visible.clamp(max=lk)).all()
@@ -192,6 +194,65 @@ def test_keep_top_is_a_lexicographic_top_k(batch, n, k, seed):
     for b in range(batch):
         order = sorted(range(n), key=lambda i: (-scores[b, i].item(), -tiebreak[b, i].item()))
         assert kept[b].tolist() == sorted(order[:k])
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(2, 7), st.integers(2, 7), ratios, st.floats(0, 0.9), seeds)
+def test_pgs_drops_an_edge_patch_only_when_no_other_is_left(batch, gh, gw, ratio, edge_ratio, seed):
+    pixels = images(batch, gh, gw, 4, seed)
+    n, n_edges = gh * gw, math.floor(gh * gw * edge_ratio)
+    kept = mask_patches(pixels, 'pgs', ratio, 4, generator=torch.Generator().manual_seed(seed), features='rgb',
+                        edge_ratio=edge_ratio)
+    hidden = ~visible_mask(kept, n)                                                        # [B, L]
+    edges = edge_map(pixels, 4)                                                            # [B, L]
+    for b in range(batch):
+        order = edges[b].argsort(descending=True)
+        top, rest = order[:n_edges], order[n_edges:]
+        if edges[b][top].numel() and rest.numel() and edges[b][top].min() == edges[b][rest].max(): continue  # a tie
+        if hidden[b][top].any(): assert hidden[b][rest].all()                              # edges go last
+        assert hidden[b].sum() == n - keep_count(n, ratio)
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(2, 40), st.integers(1, 64), st.floats(0.1, 1.0), seeds)
+def test_sinkhorn_makes_cosine_similarities_doubly_stochastic(batch, n, dim, epsilon, seed):
+    features = torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(seed))
+    plan = sinkhorn(cosine_matrix(features), epsilon, 200)
+    assert (plan > 0).all() and torch.isfinite(plan).all()
+    assert (plan.sum(1) - 1).abs().max() < 1e-4                                            # the last step: columns
+    assert (plan.sum(2) - 1).abs().max() < 1e-3                                            # rows, up to the tolerance
+
+
+@pytest.mark.parametrize('strategy', ['pgs', 'pgs_released'])
+def test_pgs_strategies_go_through_a_training_step(strategy, one_thread):
+    "A tiny masked CLIP takes two optimiser steps with each PGS strategy, fused features (the tokens) included."
+    from cluster_glip.masking import PatchMasker
+    from cluster_glip.model import create_model
+    from cluster_glip.step import make_optimizer, train_step
+    torch.manual_seed(0)
+    model = create_model('tiny-vit-32', masker=PatchMasker(strategy, 0.5, patch_size=8))
+    assert model.masker.needs_tokens                                                       # fused by default
+    model.masker.progress = 0.5
+    images, texts = torch.randn(8, 3, 32, 32), torch.randint(1, 49408, (8, 77))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = make_optimizer(model, 1e-3)
+    for s in range(2):
+        out = train_step(model, [(images, texts)], optimizer, generator=torch.Generator().manual_seed(s))
+        assert torch.isfinite(out['loss']) and not out['skipped']
+        assert 0 < out['mask']['drop_fraction'] < 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_pgs_fields_are_config_fields_checked_before_a_run():
+    from cluster_glip.config import ConfigError, load_config
+    cfg = load_config('tiny', train_data='-', masking={'strategy': 'pgs_released', 'ratio': 0.5, 'min_drop': 0.5})
+    assert cfg.masking['min_drop'] == 0.5
+    for masking, says in [({'strategy': 'pgs', 'ratio': 0.5, 'edge_ratio': 1.5}, 'edge_ratio must be'),
+                          ({'strategy': 'pgs', 'ratio': 0.5, 'epsilon': 0}, 'epsilon must be'),
+                          ({'strategy': 'pgs_released', 'ratio': 0.5, 'tau': 0.5}, 'has no parameter tau')]:
+        with pytest.raises(ConfigError, match=says) as error:
+            load_config('tiny', train_data='-', masking=masking)
+        assert "config field 'masking'" in str(error.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
