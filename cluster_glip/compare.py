@@ -284,21 +284,23 @@ def plot_results(result: dict, path: 'str | Path | None' = None):
     "Speed-up vs the FLOP ideal, masking overhead, and ours vs open_clip, as one seaborn figure (saved to `path`)."
     import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
     cfg, rows = result['config'], result['settings']
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw=dict(width_ratios=[2.2, 1.4, 1.4]))
+    machine = result.get('machine') or {}
+    where = machine.get('gpu') or machine.get('cpu') or cfg['device']          # the JSON says which machine measured it
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2), gridspec_kw=dict(width_ratios=[2.2, 1.4, 1.4]))
     speed = pd.DataFrame([dict(setting=r['setting'], kind=kind, value=r[key]) for r in rows
                           for kind, key in (('measured', 'speedup'), ('FLOP ideal', 'ideal_speedup')) if r[key] is not None])
     if len(speed): sns.barplot(speed, x='setting', y='value', hue='kind', ax=axes[0])
     axes[0].axhline(1, color='grey', lw=0.8)
-    axes[0].set(title=f"speed-up over unmasked ({cfg['model']}, batch {cfg['batch']}, {cfg['device']})", xlabel='', ylabel='× samples/s of none')
+    axes[0].set(title=f"speed-up over unmasked\n{cfg['model']}, batch {cfg['batch']}, {where}", xlabel='', ylabel='× samples/s of none')
     overhead = pd.DataFrame([dict(setting=r['setting'], value=100 * r['mask_overhead']) for r in rows])
     sns.barplot(overhead, x='setting', y='value', ax=axes[1], color='tab:orange')
-    axes[1].set(title='masking decision (plan_mask)', xlabel='', ylabel='% of a training step')
+    axes[1].set(title='masking decision\n(plan_mask)', xlabel='', ylabel='% of a training step')
     versus = pd.DataFrame([dict(setting=c['setting'], who=who, value=c[key]) for c in result['open_clip']
                            for who, key in (('ours, trainer', 'ours_trainer_samples_per_s'), ('open_clip, trainer', 'open_clip_trainer_samples_per_s'),
                                             ('ours, step', 'ours_step_samples_per_s'), ('open_clip, step', 'open_clip_step_samples_per_s'))
                            if c[key] is not None])
     if len(versus): sns.barplot(versus, x='setting', y='value', hue='who', ax=axes[2])
-    axes[2].set(title='ours vs open_clip: trainers (with data), steps', xlabel='', ylabel='samples/s')
+    axes[2].set(title='ours vs open_clip\ntrainers (with data), steps', xlabel='', ylabel='samples/s')
     for ax in axes[:2]: ax.tick_params(axis='x', rotation=45)
     if axes[0].get_legend(): axes[0].legend(fontsize=8, title=None, loc='upper left')
     if axes[2].get_legend(): axes[2].legend(fontsize=8, title=None, loc='upper center', bbox_to_anchor=(0.5, -0.1), ncol=2)
