@@ -9,16 +9,26 @@ where they train). Figures are PNG at 80 dpi; the size budget is checked by test
     python devtools/execute_nbs.py                       # every notebook, in place
     python devtools/execute_nbs.py nbs/01_model.ipynb --out /tmp/look   # a copy, to look at
 """
-import argparse, json, os, re, sys, time
+import argparse, os, re, shutil, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = ROOT / 'nbs'
 # experiment notebook -> its parameters (papermill's names); paths are relative to the repository root
+# (each writes under runs/notebooks/<name>/, emptied first: a leftover run would be resumed, not trained)
+OUT = 'runs/notebooks'
+
+
+def _pretrain_parameters():
+    parameters = __import__('yaml').safe_load((NBS / 'experiments/params/tiny.yaml').read_text())
+    parameters['fields']['output_dir'] = f'{OUT}/pretrain'
+    return parameters
+
+
 EXPERIMENT_PARAMETERS = {
-    'pretrain.ipynb': lambda: __import__('yaml').safe_load((NBS / 'experiments/params/tiny.yaml').read_text()),
-    'mask_gallery.ipynb': lambda: {'out_dir': 'runs/mask_gallery'},
-    'results.ipynb': lambda: {'runs_root': 'nbs/experiments/results_data', 'out_dir': 'runs/results'},
+    'pretrain.ipynb': _pretrain_parameters,
+    'mask_gallery.ipynb': lambda: {'out_dir': f'{OUT}/mask_gallery'},
+    'results.ipynb': lambda: {'runs_root': 'nbs/experiments/results_data', 'out_dir': f'{OUT}/results'},
 }
 PNG_BUDGET = 120_000   # bytes per figure before it is stored with a palette
 DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+:?)\s*(.*)$', re.M)
@@ -73,6 +83,7 @@ def execute(path: Path, dest: Path, flags: set) -> float:
     nb = read_nb(path)
     experiment = path.parent.name == 'experiments'
     if experiment and path.name in EXPERIMENT_PARAMETERS:
+        shutil.rmtree(ROOT / OUT / path.stem, ignore_errors=True)
         nb.cells = [c for c in nb.cells if 'injected-parameters' not in c.get('metadata', {}).get('tags', [])]
         at = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.get('metadata', {}).get('tags', []))
         nb.cells.insert(at + 1, injected_cell(EXPERIMENT_PARAMETERS[path.name]()))
