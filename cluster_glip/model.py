@@ -180,22 +180,6 @@ def forward(self: MaskedCLIP, images: Tensor | None = None, texts: Tensor | None
     if self.logit_bias is not None: out['logit_bias'] = self.logit_bias
     return out
 
-# %% ../nbs/01_model.ipynb #a4621095
-@patch
-def encode_text(self: MaskedCLIP, text: Tensor, normalize: bool = False) -> Tensor:
-    "open_clip's `CLIP.encode_text` for token ids [B, T] of any length T ≤ `context_length`: features [B, E]."
-    T = text.shape[1]
-    if T == self.context_length: return CLIP.encode_text(self, text, normalize)
-    if T > self.context_length:
-        raise ValueError(f'texts of {T} tokens for a text tower of {self.context_length} positions: tokenise at {self.context_length}')
-    cast_dtype = self.transformer.get_cast_dtype()
-    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:T].to(cast_dtype)     # [B, T, D]
-    x = self.ln_final(self.transformer(x, attn_mask=None if self.attn_mask is None else self.attn_mask[:T, :T]))
-    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, 'text_eos_id', None))  # [B, D]
-    if isinstance(self.text_projection, nn.Linear): x = self.text_projection(x)
-    elif self.text_projection is not None: x = x @ self.text_projection                          # [B, E]
-    return F.normalize(x, dim=-1) if normalize else x
-
 # %% ../nbs/01_model.ipynb #4d98433e
 def _check_supported(name: str, cfg: dict):
     "Raise unless `cfg` is open_clip's `CLIP` with a plain ViT image tower, the model the masked forward is written for."
@@ -250,6 +234,22 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
     if precision in ('pure_bf16', 'pure_fp16'): model.to(torch.bfloat16 if precision == 'pure_bf16' else torch.float16)
     set_model_preprocess_cfg(model, merge_preprocess_dict(preprocess, {'size': model.visual.image_size}))
     return model
+
+# %% ../nbs/01_model.ipynb #a4621095
+@patch
+def encode_text(self: MaskedCLIP, text: Tensor, normalize: bool = False) -> Tensor:
+    "open_clip's `CLIP.encode_text` for token ids [B, T] of any length T ≤ `context_length`: features [B, E]."
+    T = text.shape[1]
+    if T == self.context_length: return CLIP.encode_text(self, text, normalize)
+    if T > self.context_length:
+        raise ValueError(f'texts of {T} tokens for a text tower of {self.context_length} positions: tokenise at {self.context_length}')
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:T].to(cast_dtype)     # [B, T, D]
+    x = self.ln_final(self.transformer(x, attn_mask=None if self.attn_mask is None else self.attn_mask[:T, :T]))
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, 'text_eos_id', None))  # [B, D]
+    if isinstance(self.text_projection, nn.Linear): x = self.text_projection(x)
+    elif self.text_projection is not None: x = x @ self.text_projection                          # [B, E]
+    return F.normalize(x, dim=-1) if normalize else x
 
 # %% ../nbs/01_model.ipynb #c0d1e5a2
 def resize_positional_embedding(model: CLIP, image_size: int) -> bool:
