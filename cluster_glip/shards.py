@@ -409,7 +409,7 @@ def _batches(self: ShardStream):
 
 # %% ../nbs/03_shards.ipynb #a61135e2
 class TrainLoader:
-    "Batches `(images [B, 3, H, W] float32 normalised, texts [B, 77] int64)` for one rank; `len()` is the same on every rank."
+    "Batches `(images [B, 3, H, W] float32 normalised, texts [B, C] int64)` (C: 77, or a ReducedTokenizer's length) for one rank; `len()` is the same on every rank."
     def __init__(self, stream: ShardStream, workers: int, pin_memory: bool | None = None, prefetch_factor: int = 2):
         self.stream, self.workers = stream, int(workers)
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
