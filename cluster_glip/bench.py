@@ -101,7 +101,7 @@ def parse_setting(text: 'str | BenchSetting', model: str = 'ViT-B-16') -> BenchS
     if setting is None or not setting.label:
         strategies = ', '.join(s for s in STRATEGIES if s != 'none')
         raise ValueError(f'unknown benchmark setting {text!r}: use none, <strategy>-<ratio> (strategies: {strategies}; '
-                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), or label:field=value,... '
+                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), text-<tokens> (CLIPA: 32, 16, 8), or label:field=value,... '
                          '(TrainConfig overrides, e.g. mine:masking.strategy=random,masking.ratio=0.6)')
     if extra := sorted(set(setting.fields) - set(SETTING_FIELDS)):
         raise ValueError(f'benchmark setting {setting.label!r} sets {", ".join(extra)}: a setting changes only '
