@@ -27,13 +27,14 @@ from .config import load_config, merge_config_dicts, parse_override, read_config
 from .masking import STRATEGIES, PatchMasker, mask_patches
 from .model import compile_model, create_model, forward_gflops
 from .step import make_optimizer, make_scaler, train_step
+from .text import truncate_tokens
 from .train import calibrate_run_threshold
 
 # %% ../nbs/09_bench.ipynb #68ff0246
 DEFAULT_SETTINGS = ('none', 'random-0.5', 'random-0.75', 'gaussian-0.5', 'cluster-0.5', 'cluster-paper', 'kmeans-0.5',
                     'reclip-160', 'reclip-112', 'reclip-64')
 PAPER_PRESET = 'cluster_cc12m_vitb16'   # the training preset whose masking `cluster-paper` benchmarks
-SETTING_FIELDS = ('masking', 'image_size')  # the TrainConfig fields a setting may change
+SETTING_FIELDS = ('masking', 'image_size', 'text_length')  # the TrainConfig fields a setting may change
 
 @dataclass(frozen=True)
 class BenchSetting:
@@ -54,6 +55,9 @@ class BenchSetting:
     def image_size(self, native: int) -> int:
         "The image side this setting trains at, for a model of `native` px."
         return self.fields.get('image_size') or native
+    def text_length(self, native: int) -> int:
+        "The text context length this setting trains at (CLIPA), for texts of `native` tokens."
+        return self.fields.get('text_length') or native
 
 # %% ../nbs/09_bench.ipynb #e7f22996
 def model_geometry(model: str) -> tuple[int, int]:
@@ -73,7 +77,7 @@ def reclip_size(side: int, model: str) -> int:
     return max(1, round(native // patch * side / 224)) * patch
 
 def named_setting(name: str, model: str = 'ViT-B-16') -> BenchSetting | None:
-    "The built-in setting `name` (none, <strategy>-<ratio>, cluster-paper, reclip-<px>) for `model`; None if there is none."
+    "The built-in setting `name` (none, <strategy>-<ratio>, cluster-paper, reclip-<px>, text-<tokens>) for `model`; None if there is none."
     if name in ('none', 'clip'): return BenchSetting('none', ('masking.strategy=none',))
     if name == 'cluster-paper':
         masking = read_config_file(PAPER_PRESET)['masking']
@@ -82,6 +86,7 @@ def named_setting(name: str, model: str = 'ViT-B-16') -> BenchSetting | None:
         side = int(m.group(1))
         if not 16 <= side < 224: raise ValueError(f'RECLIP image side must be in [16, 224) px of ViT-B/16, got {side} in {name!r}')
         return BenchSetting(name, (f'image_size={reclip_size(side, model)}',))
+    if m := re.fullmatch(r'text-(\d+)', name): return BenchSetting(name, (f'text_length={int(m.group(1))}',))
     if (m := re.fullmatch(r'([a-z_]+)-([0-9.]+)', name)) and m.group(1) in STRATEGIES and m.group(1) != 'none':
         return BenchSetting(name, (f'masking.strategy={m.group(1)}', f'masking.ratio={float(m.group(2))!r}'))
     return None
@@ -96,7 +101,7 @@ def parse_setting(text: 'str | BenchSetting', model: str = 'ViT-B-16') -> BenchS
     if setting is None or not setting.label:
         strategies = ', '.join(s for s in STRATEGIES if s != 'none')
         raise ValueError(f'unknown benchmark setting {text!r}: use none, <strategy>-<ratio> (strategies: {strategies}; '
-                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), or label:field=value,... '
+                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), text-<tokens> (CLIPA: 32, 16, 8), or label:field=value,... '
                          '(TrainConfig overrides, e.g. mine:masking.strategy=random,masking.ratio=0.6)')
     if extra := sorted(set(setting.fields) - set(SETTING_FIELDS)):
         raise ValueError(f'benchmark setting {setting.label!r} sets {", ".join(extra)}: a setting changes only '
@@ -119,7 +124,7 @@ def patch_dropout_of(setting: BenchSetting) -> float:
     "open_clip's `--force-patch-dropout` for a setting it can run (no masking, or random masking at one ratio); else a ValueError."
     masking = setting.masking
     strategy = masking['strategy']
-    if 'image_size' not in setting.fields and (
+    if not {'image_size', 'text_length'} & set(setting.fields) and (
             strategy == 'none' or (strategy == 'random' and set(masking) == {'strategy', 'ratio'})):
         return 0.0 if strategy == 'none' else masking['ratio']
     raise ValueError(f"open_clip's trainer has no equivalent of setting {setting.label!r}: compare none or random-<ratio> "
@@ -217,23 +222,24 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 
 # %% ../nbs/09_bench.ipynb #4d5a5939
 @lru_cache(maxsize=None)
-def tokens_gflops(model: str, kept: int, image_size: int) -> float:
-    "Forward GFLOPs per sample of `model` when the image tower keeps `kept` patches of an `image_size` px image."
+def tokens_gflops(model: str, kept: int, image_size: int, text_length: int | None = None) -> float:
+    "Forward GFLOPs per sample of `model` when the image tower keeps `kept` patches of an `image_size` px image (texts of `text_length` tokens)."
     patches = (image_size // model_geometry(model)[1]) ** 2
     ratio = 0.0 if kept >= patches else 1 - (kept + 0.5) / patches   # keep_count(patches, ratio) == kept
-    counted = forward_gflops(model, ratio=ratio, image_size=image_size)
+    counted = forward_gflops(model, ratio=ratio, image_size=image_size, context_length=text_length)
     assert counted['tokens'] == 1 + min(kept, patches)
     return counted['total']
 
 # %% ../nbs/09_bench.ipynb #e10d852c
-def _setting_runs(settings: list, images: torch.Tensor, native: int, patch: int, device, seed: int) -> dict:
-    "label -> the setting's pixels [B, 3, S, S] at its size, masker, generator, drawn K's and skipped steps."
+def _setting_runs(settings: list, images: torch.Tensor, texts: torch.Tensor, native: int, patch: int, device, seed: int) -> dict:
+    "label -> the setting's pixels [B, 3, S, S] at its size, texts [B, T] at its length, masker, generator, K's, skipped steps."
     runs = {}
     for s in settings:
         size = s.image_size(native)
         pixels = images if size == images.shape[-1] else F.interpolate(images, size=size, mode='bicubic', antialias=True,
                                                                       align_corners=False)   # [B, 3, size, size]
-        runs[s.label] = SimpleNamespace(setting=s, size=size, pixels=pixels, masker=PatchMasker(patch_size=patch, **s.masking),
+        words = truncate_tokens(texts, s.text_length(texts.shape[1]))                           # [B, T]
+        runs[s.label] = SimpleNamespace(setting=s, size=size, pixels=pixels, texts=words, masker=PatchMasker(patch_size=patch, **s.masking),
                                         generator=torch.Generator(device).manual_seed(seed), kept=[], skipped=0)
     return runs
 
@@ -241,11 +247,11 @@ def _free_memory(device: torch.device):
     gc.collect()
     if device.type == 'cuda': torch.cuda.empty_cache()
 
-def _step_fns(net, stepper, optimizer, scaler, precision: str, texts: torch.Tensor):
+def _step_fns(net, stepper, optimizer, scaler, precision: str):
     "`step(run, pixels=None, words=None)`: one `train_step` of a setting's run (eager at another batch); `plan(run)`: its K."
     def step(run, pixels=None, words=None):
         net.masker = run.masker
-        batch = [(run.pixels if pixels is None else pixels, texts if words is None else words)]
+        batch = [(run.pixels if pixels is None else pixels, run.texts if words is None else words)]
         out = train_step(stepper if pixels is None else net, batch, optimizer, scaler=scaler, precision=precision,
                          generator=run.generator, nan_policy='skip')
         run.skipped += out['skipped']
@@ -260,8 +266,8 @@ def _settings_row(run, times: dict, memory: 'PeakMemory', state: int, model: str
     label, growth = run.setting.label, memory.growth
     step_s, plan_s = times[(label, 'step')], times[(label, 'plan')]
     row = dict(setting=label, masking=run.setting.masking, overrides=list(run.setting.overrides), image_size=run.size,
-               batch=batch, tokens=1 + statistics.fmean(run.kept),
-               gflops=statistics.fmean(tokens_gflops(model, k, run.size) for k in run.kept),
+               text_length=run.texts.shape[1], batch=batch, tokens=1 + statistics.fmean(run.kept),
+               gflops=statistics.fmean(tokens_gflops(model, k, run.size, run.texts.shape[1]) for k in run.kept),
                step_s=statistics.median(step_s), step_s_repeats=step_s, samples_per_s=batch / statistics.median(step_s),
                plan_s=statistics.median(plan_s), plan_s_repeats=plan_s,
                peak_memory_mb=None if growth is None else (state + growth) / 2**20,
@@ -300,8 +306,8 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     stepper = compile_model(net) if compile else net                          # compiled: one static graph per setting
     optimizer, scaler = make_optimizer(net, lr=1e-5), make_scaler(precision, device)
     images, texts = images.to(device), texts.to(device)                      # [B, 3, H, W], [B, T]
-    runs = _setting_runs(settings, images, net.visual.image_size[0], net.visual.patch_size[0], device, seed)
-    step, plan = _step_fns(net, stepper, optimizer, scaler, precision, texts)
+    runs = _setting_runs(settings, images, texts, net.visual.image_size[0], net.visual.patch_size[0], device, seed)
+    step, plan = _step_fns(net, stepper, optimizer, scaler, precision)
     def theirs(run): open_clip_step(run.setting)
     fns = {(label, what): partial(fn, run) for label, run in runs.items()
            for what, fn in (('step', step), ('plan', plan), ('open_clip', theirs))
@@ -313,7 +319,7 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     rows, state = [], state_bytes(net, optimizer)
     for label, run in runs.items():
         rows.append(row := _settings_row(run, times, memory[label], state, model, len(images)))
-        row['max_batch'] = max_batch and largest_batch(partial(fits_on_device, step, run, texts, device), len(images), max_batch_limit)
+        row['max_batch'] = max_batch and largest_batch(partial(fits_on_device, step, run, device), len(images), max_batch_limit)
         if max_batch: say(f"  {label}: largest batch {row['max_batch']}")
     del net, optimizer, runs
     _free_memory(device)
@@ -336,11 +342,11 @@ def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int:
         else: high = middle
     return low
 
-def fits_on_device(step: Callable, run, texts: torch.Tensor, device, batch: int) -> bool:
+def fits_on_device(step: Callable, run, device, batch: int) -> bool:
     "Whether one training step of `run` at `batch` pairs (the benchmark batch repeated) fits in GPU memory."
     if torch.device(device).type != 'cuda': raise ValueError('the largest batch is searched on a GPU only (max_batch needs device cuda)')
-    repeat = math.ceil(batch / len(texts))
-    pixels, words = run.pixels.repeat(repeat, 1, 1, 1)[:batch], texts.repeat(repeat, 1)[:batch]   # [b, 3, H, W], [b, T]
+    repeat = math.ceil(batch / len(run.texts))
+    pixels, words = run.pixels.repeat(repeat, 1, 1, 1)[:batch], run.texts.repeat(repeat, 1)[:batch]   # [b, 3, H, W], [b, T]
     try:
         step(run, pixels, words)
         synchronize(device)
@@ -455,7 +461,7 @@ def settings_table(result: dict):
     "The per-setting results as a table (a pandas DataFrame)."
     import pandas as pd
     return pd.DataFrame([{
-        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'samples/s': _rate(r['samples_per_s']),
+        'setting': r['setting'], 'px': r['image_size'], 'tokens': f"{r['tokens']:.0f}", 'text': r.get('text_length', 77), 'samples/s': _rate(r['samples_per_s']),
         'step ms': f"{r['step_s'] * 1e3:.0f}", 'speed-up': _fmt(r['speedup'], '.2f'), 'ideal': _fmt(r['ideal_speedup'], '.2f'),
         'of ideal': _fmt(r['speedup_of_ideal'], '.0%'), 'mask % of step': f"{r['mask_overhead']:.1%}",
         'TFLOP/s': f"{r['tflops']:.3g}", 'MFU': _fmt(r['mfu'], '.1%'), 'peak MB': _fmt(r['peak_memory_mb'], '.0f'),

@@ -452,7 +452,7 @@ def bench_cli(
     model: Param('open_clip model config (tiny-vit-64, ViT-B-16, ...)', str) = 'tiny-vit-64',
     batch: Param('batch size per step', int) = 16,
     precision: Param('fp32, amp_bf16 or amp_fp16', str) = 'fp32',
-    settings: Param('comma-separated settings: none, <strategy>-<ratio>, cluster-paper, reclip-<px>, or '
+    settings: Param('comma-separated settings: none, <strategy>-<ratio>, cluster-paper, reclip-<px>, text-<tokens>, or '
                      'label:field=value,... (TrainConfig overrides, as --set takes them)', str) = ','.join(DEFAULT_SETTINGS),
     device: Param('cpu, cuda, cuda:1, ... (default: cuda when available)', str) = None,
     steps: Param('steps per timed round', int) = 1,

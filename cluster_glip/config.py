@@ -21,6 +21,7 @@ import open_clip
 from .masking import PatchMasker
 import cluster_glip.model  # registers the package's tiny model configs with open_clip
 from .shards import dataset_size, train_loader
+from .text import check_text_reduction
 
 # %% ../nbs/05_config.ipynb #0adc1d27
 Precision = Literal['fp32', 'amp_fp16', 'amp_bf16']
@@ -33,6 +34,9 @@ class TrainConfig:
     pretrained: str | None = None          # start from these weights (a file) instead of a random init
     image_size: int | None = None          # train at this resolution (RECLIP); None: the model's own
     masking: dict = field(default_factory=lambda: {'strategy': 'none'})  # PatchMasker(**masking)
+    text_length: int | None = None         # text context length (CLIPA: 8, 16, 32); None: the model's own (77)
+    text_reduction: Literal['truncate', 'random', 'block', 'syntax'] = 'truncate'  # how captions longer than
+                                           #   text_length - 2 word pieces are cut (cluster_glip.text; syntax: not offered)
     # data
     train_data: str = ''                   # img2dataset webdataset shards, brace notation ('::' joins several)
     train_num_samples: int | None = None   # samples in one epoch; None: the shards' sizes.json
@@ -188,6 +192,18 @@ def _check_model_fit(cfg: 'TrainConfig'):
             raise ConfigError(f"config field 'device' must be a torch device ('cpu', 'cuda', 'cuda:1', 'mps'), "
                               f'got {cfg.device!r}') from None
 
+def _check_text(cfg: 'TrainConfig'):
+    "`text_length` and `text_reduction` can tokenise for `cfg.model` (its text tower's own length at most)."
+    if cfg.text_length is None and cfg.text_reduction == 'truncate': return
+    native = open_clip.get_model_config(cfg.model)['text_cfg'].get('context_length', 77)
+    try: check_text_reduction(native if cfg.text_length is None else cfg.text_length, cfg.text_reduction, native)
+    except ValueError as e:
+        name = 'text_length' if 'context length' in str(e) else 'text_reduction'
+        raise ConfigError(f'config field {name!r}: {e}') from None
+    if 'tokenizer' in cfg.data:
+        raise ConfigError("config fields 'text_length'/'text_reduction' and 'data.tokenizer': set one or the other "
+                          '(the shorter texts use the CLIP tokenizer)')
+
 def validate_config(cfg: 'TrainConfig'):
     "Check every field's type and range and the fields' consistency; raise a ConfigError naming the field."
     hints = typing.get_type_hints(type(cfg))
@@ -208,6 +224,7 @@ def validate_config(cfg: 'TrainConfig'):
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)
     _check_model_fit(cfg)
+    _check_text(cfg)
 
 # %% ../nbs/05_config.ipynb #b18f1133
 def check_device(device: str | None, local_rank: int = 0):

@@ -28,9 +28,9 @@ def model_transform(model: nn.Module) -> Callable:
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 def model_tokenizer(model: nn.Module, name: str | None = None) -> Callable:
-    "open_clip's tokenizer for the model config `name`; without a name, the CLIP BPE tokenizer at `model`'s context length."
-    if name: return open_clip.get_tokenizer(name)
-    context_length = open_clip.get_model_tokenize_cfg(model).get('context_length', 77)
+    "open_clip's tokenizer for the model config `name` (without one, the CLIP BPE tokenizer) at `model`'s context length."
+    context_length = open_clip.get_model_tokenize_cfg(model).get('context_length', 77)   # CLIPA-trained: shorter
+    if name: return open_clip.get_tokenizer(name, context_length=context_length)
     return open_clip.SimpleTokenizer(context_length=context_length)
 
 # %% ../nbs/07c_encode.ipynb #5ea7d6ee

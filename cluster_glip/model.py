@@ -18,7 +18,7 @@ from fastcore.basics import patch
 import torch.nn.functional as F
 from open_clip.model import CLIP, get_cast_dtype, convert_weights_to_lp, resize_pos_embed, set_model_preprocess_cfg
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer, text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
@@ -201,7 +201,7 @@ def _check_supported(name: str, cfg: dict):
 # %% ../nbs/01_model.ipynb #04e7341a
 def create_model(name: str, *, pretrained: str | None = None, masker: PatchMasker | None = None,
                  device: str | torch.device | None = None, precision: str = 'fp32', image_size: int | None = None,
-                 **model_kwargs) -> MaskedCLIP:
+                 context_length: int | None = None, **model_kwargs) -> MaskedCLIP:
     "open_clip model `name` with a masked image forward and `masker` (no masking when None); state dict as open_clip's."
     name = name.replace('/', '-')                                            # open_clip accepts ViT-B/16 too
     cfg = open_clip.get_model_config(name)
@@ -211,6 +211,7 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
         raise ValueError(f"precision must be one of fp32, bf16, fp16, pure_bf16, pure_fp16 (open_clip's), got {precision!r}")
     cfg.update(model_kwargs)
     if image_size is not None: cfg['vision_cfg'] = dict(cfg['vision_cfg'], image_size=image_size)
+    if context_length is not None: cfg['text_cfg'] = dict(cfg['text_cfg'], context_length=context_length)  # CLIPA
     _check_supported(name, cfg)
     model = MaskedCLIP(**cfg, cast_dtype=get_cast_dtype(precision), masker=masker)
     patch = model.visual.patch_size[0]
@@ -233,6 +234,22 @@ def create_model(name: str, *, pretrained: str | None = None, masker: PatchMaske
     if precision in ('pure_bf16', 'pure_fp16'): model.to(torch.bfloat16 if precision == 'pure_bf16' else torch.float16)
     set_model_preprocess_cfg(model, merge_preprocess_dict(preprocess, {'size': model.visual.image_size}))
     return model
+
+# %% ../nbs/01_model.ipynb #a4621095
+@patch
+def encode_text(self: MaskedCLIP, text: Tensor, normalize: bool = False) -> Tensor:
+    "open_clip's `CLIP.encode_text` for token ids [B, T] of any length T ≤ `context_length`: features [B, E]."
+    T = text.shape[1]
+    if T == self.context_length: return CLIP.encode_text(self, text, normalize)
+    if T > self.context_length:
+        raise ValueError(f'texts of {T} tokens for a text tower of {self.context_length} positions: tokenise at {self.context_length}')
+    cast_dtype = self.transformer.get_cast_dtype()
+    x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:T].to(cast_dtype)     # [B, T, D]
+    x = self.ln_final(self.transformer(x, attn_mask=None if self.attn_mask is None else self.attn_mask[:T, :T]))
+    x = text_global_pool(x, text, self.text_pool_type, eos_token_id=getattr(self, 'text_eos_id', None))  # [B, D]
+    if isinstance(self.text_projection, nn.Linear): x = self.text_projection(x)
+    elif self.text_projection is not None: x = x @ self.text_projection                          # [B, E]
+    return F.normalize(x, dim=-1) if normalize else x
 
 # %% ../nbs/01_model.ipynb #c0d1e5a2
 def resize_positional_embedding(model: CLIP, image_size: int) -> bool:
@@ -260,9 +277,10 @@ def kept_rows(kept: Kept, rows: slice | Tensor) -> Kept:
     return replace(kept, indices=kept.indices[rows], padding=None if kept.padding is None else kept.padding[rows])
 
 # %% ../nbs/01_model.ipynb #452356bd
-def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: int | None = None) -> dict:
-    "Forward GFLOPs per sample of model `name` (image tower at `image_size` px keeping `keep_count(L, ratio)` patches, text tower)."
-    with torch.device('meta'): model = create_model(name)
+def forward_gflops(name: str = 'ViT-B-16', *, ratio: float = 0.0, image_size: int | None = None,
+                   context_length: int | None = None) -> dict:
+    "Forward GFLOPs per sample of model `name` (image tower at `image_size` px keeping `keep_count(L, ratio)` patches, text tower at `context_length` tokens)."
+    with torch.device('meta'): model = create_model(name, context_length=context_length)
     size = image_size or model.visual.image_size[0]
     patch = model.visual.patch_size[0]
     L = (size // patch) ** 2

@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .formats import WDS_IMAGE_EXTENSIONS, image_bytes, write_tar
+from .text import ReducedTokenizer
 
 # %% ../nbs/03_shards.ipynb #bbca89cb
 def write_shard_index(folder, sizes: dict, name: str = 'train'):
@@ -400,14 +401,15 @@ def _batches(self: ShardStream):
             counts.clear()  # consumed before a resume: its counts are already in the trainer's totals
             continue
         pixels = torch.from_numpy(np.stack([np.asarray(self.crop.apply(im, box)) for im, box, _ in batch]))
-        texts = self.tokenizer([caption for _, _, caption in batch]).long()  # [B, 77]
-        # [B, 3, H, W] float32, [B, 77] int64, fault counts, this batch's index in the rank's epoch
+        captions, seeds = [c for _, _, c in batch], [seed_int(self.seed, epoch, reader, 'text', b, i) for i in range(len(batch))]
+        texts = (self.tokenizer(captions, seeds) if isinstance(self.tokenizer, ReducedTokenizer) else self.tokenizer(captions)).long()
+        # [B, 3, H, W] float32, [B, C] int64 (C: the tokenizer's length), fault counts, this batch's index in the rank's epoch
         yield normalize_pixels(pixels), texts, dict(counts), b * workers + worker
         counts.clear()
 
 # %% ../nbs/03_shards.ipynb #a61135e2
 class TrainLoader:
-    "Batches `(images [B, 3, H, W] float32 normalised, texts [B, 77] int64)` for one rank; `len()` is the same on every rank."
+    "Batches `(images [B, 3, H, W] float32 normalised, texts [B, C] int64)` (C: 77, or a ReducedTokenizer's length) for one rank; `len()` is the same on every rank."
     def __init__(self, stream: ShardStream, workers: int, pin_memory: bool | None = None, prefetch_factor: int = 2):
         self.stream, self.workers = stream, int(workers)
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -459,7 +461,7 @@ def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | N
                  scale=(0.9, 1.0), epoch: int = 0, tokenizer=None, shuffle_buffer: int = 2000,
                  pin_memory: bool | None = None) -> TrainLoader:
     """A `TrainLoader` over img2dataset shards. `num_samples`: samples per epoch over all ranks (default: the shards'
-    `sizes.json`/`_info.json`). `tokenizer`: a callable, an open_clip model name, or None for open_clip's CLIP BPE."""
+    `sizes.json`/`_info.json`). `tokenizer`: a callable, an open_clip model name, None for open_clip's CLIP BPE, or a `ReducedTokenizer`."""
     sources = expand_sources(urls, weights)
     if weights is not None and not resampled:
         raise ValueError("source weights need resampled=True: exact epochs read every shard once, so there is nothing to weight")

@@ -6,8 +6,9 @@
 __all__ = ['PEAK_TFLOPS', 'DistEnv', 'init_distributed', 'cosine_lr', 'rng_state', 'set_rng_state', 'peak_tflops',
            'train_flops_per_sample', 'Throughput', 'RunState', 'train_record', 'evaluate_in_training', 'derived_seed',
            'seed_mask_generators', 'seed_everything', 'epoch_progress', 'calibrate_run_threshold', 'calibration_due',
-           'preflight', 'init_model_and_optimizer', 'Schedule', 'phase_loaders', 'checkpoint_payload', 'checkpoint_run',
-           'resume_run', 'wrap_model', 'start_phase', 'run_summary', 'train', 'plot_loss', 'train_cli']
+           'preflight', 'init_model_and_optimizer', 'Schedule', 'text_options', 'phase_loaders', 'checkpoint_payload',
+           'checkpoint_run', 'resume_run', 'wrap_model', 'start_phase', 'run_summary', 'train', 'plot_loss',
+           'train_cli']
 
 # %% ../nbs/06_train.ipynb #3e335f01
 import hashlib, math, os, random, sys, time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch, torch.nn as nn
 import torch.distributed as dist
 import yaml
@@ -30,6 +32,7 @@ from .rundir import (CheckpointError, DiskWriteError, MetricsLog, check_resume, 
                                  list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, run_lock,
                                  save_checkpoint)
 from .shards import data_counts, expand_sources, train_loader
+from .text import ReducedTokenizer
 
 # %% ../nbs/06_train.ipynb #0d526e4d
 @dataclass
@@ -255,7 +258,8 @@ def preflight(cfg: TrainConfig):
 def init_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple:
     "The run's masked model (the same initial weights in every process), its AdamW and its grad scaler (or None)."
     torch.manual_seed(cfg.seed)
-    try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device)
+    try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device,
+                                 context_length=cfg.text_length)
     except (RuntimeError, AssertionError, KeyError) as e:   # open_clip's loader on weights of another shape
         if not cfg.pretrained: raise
         raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} "
@@ -286,11 +290,17 @@ class Schedule:
 def _phase_image_size(cfg: TrainConfig, phase: str, native_size: int) -> int:
     return (cfg.image_size if phase == 'main' else cfg.tune_image_size) or native_size
 
+def text_options(cfg: TrainConfig) -> dict:
+    "The loader's `tokenizer` for the run's shorter texts (CLIPA), or {} for the default CLIP tokenizer at 77."
+    if cfg.text_length is None and cfg.text_reduction == 'truncate': return {}
+    native = open_clip.get_model_config(cfg.model)['text_cfg'].get('context_length', 77)
+    return {'tokenizer': ReducedTokenizer(cfg.text_length or native, cfg.text_reduction)}
+
 def _phase_loader(cfg: TrainConfig, phase: str, native_size: int):
     batch_size = cfg.batch_size if phase == 'main' else cfg.tune_batch_size or cfg.batch_size
     image_size = _phase_image_size(cfg, phase, native_size)
     return train_loader(cfg.train_data, batch_size=batch_size, image_size=image_size, num_samples=cfg.train_num_samples,
-                        workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **cfg.data)
+                        workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **text_options(cfg), **cfg.data)
 
 def phase_loaders(cfg: TrainConfig, native_size: int) -> tuple[dict, Schedule]:
     "One loader per phase ({'main': ..., 'tune': ...} when there is a tuning phase) and the phases' lengths."

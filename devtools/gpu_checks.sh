@@ -9,6 +9,7 @@
 #   part=train      a cluster-masked ViT-B/16 training run (bf16, 8 loader workers) on synthetic shards, then its resume
 #   part=bench      `cluster_glip bench` for ViT-B/16 at batch 256 in bf16, against open_clip's trainer
 #   part=compiled   the same for four settings with the step compiled (--compile)
+#   part=text       CLIPA's shorter texts: the step at 77 / 32 / 16 / 8 text tokens (ViT-B/16, batch 256, bf16)
 set -uo pipefail
 OUT=${OUT:-runs/gpu_checks}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -42,4 +43,7 @@ bench)
 compiled)
   cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,random-0.5,random-0.75,cluster-0.5 \
      --compare '' --no_feed --compile --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_compiled" 2>&1 | tee "$OUT/bench_compiled.log" ;;
+text)
+  cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,text-32,text-16,text-8 \
+     --compare '' --no_feed --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_text" 2>&1 | tee "$OUT/bench_text.log" ;;
 esac; done

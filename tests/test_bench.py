@@ -29,18 +29,20 @@ def test_largest_batch_finds_the_threshold_in_few_tries(threshold, start, limit)
 # -- end to end -------------------------------------------------------------------------------------------------------
 
 def test_run_bench_writes_the_results_json_and_plot(tmp_path, one_thread):
-    result = run_bench('tiny-vit-32', batch=4, settings=['none', 'random-0.5', 'cluster-paper', 'reclip-112'], compare=(),
+    result = run_bench('tiny-vit-32', batch=4, settings=['none', 'random-0.5', 'cluster-paper', 'reclip-112', 'text-8'], compare=(),
                        feed=False, steps=1, warmup=1, repeats=2, out=tmp_path / 'bench', threads=1, quiet=True)
     assert (tmp_path / 'bench.png').stat().st_size > 10_000
     saved = json.loads((tmp_path / 'bench.json').read_text())
     assert saved == json.loads(json.dumps(result)) and saved['schema'] == SCHEMA
     assert {'cpu', 'cores', 'torch', 'torch_threads', 'gpu', 'load_average', 'load_average_end'} <= set(saved['machine'])
-    assert saved['config']['settings'] == ['none', 'random-0.5', 'cluster-paper', 'reclip-112'] and saved['config']['threads'] == 1
+    assert saved['config']['settings'] == ['none', 'random-0.5', 'cluster-paper', 'reclip-112', 'text-8'] and saved['config']['threads'] == 1
     assert {'data', 'settings'} <= set(saved['phases']) and saved['open_clip'] == [] and saved['feeding'] is None
     rows = {r['setting']: r for r in saved['settings']}
     assert rows['none']['speedup'] == 1.0 and rows['none']['ideal_speedup'] == 1.0
     assert rows['random-0.5']['tokens'] == 9 and rows['reclip-112']['image_size'] == 16 and rows['reclip-112']['tokens'] == 5
     assert 9 < rows['cluster-paper']['tokens'] <= 17                    # the paper budget keeps a content-dependent K
+    assert (rows['text-8']['text_length'], rows['none']['text_length'], rows['text-8']['tokens']) == (8, 77, 17)
+    assert rows['text-8']['gflops'] < rows['none']['gflops']           # the text tower at 8 tokens instead of 77
     for r in saved['settings']:
         assert len(r['step_s_repeats']) == len(r['plan_s_repeats']) == 2 and r['step_s'] == statistics.median(r['step_s_repeats'])
         assert math.isclose(r['samples_per_s'], 4 / r['step_s']) and r['mfu'] is None     # no CPU peak given

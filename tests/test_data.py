@@ -14,6 +14,7 @@ from PIL import Image
 from cluster_glip.formats import image_bytes, write_tar
 from cluster_glip.shards import train_loader, write_shard_index
 from cluster_glip.synthetic import PALETTE, SynthConfig, synthetic_sample, write_synthetic_bundle
+from cluster_glip.text import ReducedTokenizer
 
 
 def caption_of(tokens) -> str:
@@ -151,6 +152,24 @@ def test_resume_mid_epoch_with_workers_matches_an_uninterrupted_epoch(tmp_path):
     tail = [images for images, _ in resumed]
     assert len(tail) == 7 and all(torch.equal(a, b) for a, b in zip(tail, uninterrupted[5:]))
     assert resumed.state_dict()['epoch'] == 1 and resumed.state_dict()['batch'] == 0
+
+
+@pytest.mark.parametrize('reduction', ['random', 'block'])
+def test_reduced_texts_depend_on_the_seed_only_and_resume_exactly(tmp_path, reduction):
+    """CLIPA's random rules at 3 tokens (one word-piece slot; the captions have 2-3 pieces): each caption's draw comes
+    from its position's seed, so a rerun and a resume mid-epoch across workers give the same ids, and the draws vary."""
+    clean_shards(tmp_path, n_shards=4, per_shard=6)
+    make = lambda rule: train_loader(tmp_path, batch_size=2, image_size=32, workers=2, seed=9, tokenizer=ReducedTokenizer(3, rule))
+    uninterrupted = [texts for _, texts in make(reduction)]
+    assert len(uninterrupted) == 12 and all(t.shape == (2, 3) for t in uninterrupted)
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, [texts for _, texts in make(reduction)]))
+    resumed = make(reduction)
+    resumed.load_state_dict(dict(epoch=0, batch=5, skipped={}, repeated=0))
+    tail = [texts for _, texts in resumed]
+    assert len(tail) == 7 and all(torch.equal(a, b) for a, b in zip(tail, uninterrupted[5:]))
+    truncated = torch.cat([texts for _, texts in make('truncate')])            # [24, 3]: SOT, the first piece, EOT
+    drawn = torch.cat(uninterrupted)
+    assert torch.equal(drawn[:, [0, 2]], truncated[:, [0, 2]]) and (drawn[:, 1] != truncated[:, 1]).sum() >= 4
 
 
 def test_resampled_mixes_sources_by_weight_deterministically(tmp_path):

@@ -173,6 +173,30 @@ def test_loss_falls_on_synthetic_data_for_every_masking_strategy(shards, tmp_pat
     if case == 'cluster-paper': assert summary['mask_threshold'] is not None
 
 
+def test_shorter_texts_train_and_the_checkpoint_loads_in_stock_open_clip(shards, tmp_path, one_thread):
+    """CLIPA: 8-token texts, random reduction (most synthetic captions are longer than 6 word pieces): the loss falls, and
+    stock open_clip built with 8 text positions loads the checkpoint; evaluation builds and tokenises at 8 too."""
+    import open_clip
+    from cluster_glip.evaluate import load_model, model_tokenizer
+    from cluster_glip.rundir import load_checkpoint
+    one_shard = shards.replace('{00000..00007}', '00000')
+    cfg = load_config('tiny', **tiny_fields(one_shard, tmp_path, masking={'strategy': 'random', 'ratio': 0.5}, batch_size=32,
+                                            steps=40, warmup=0, lr=5e-4, text_length=8, text_reduction='random'))
+    summary = train(cfg)
+    loss = [r['loss'] for r in read_metrics(tmp_path / 'metrics.jsonl')]
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < min(first - 0.3, math.log(32) - 0.2), f'loss {first:.3f} -> {last:.3f} (chance {math.log(32):.3f})'
+    saved = load_checkpoint(summary['checkpoint'])['state_dict']
+    assert saved['positional_embedding'].shape == (8, 64)
+    text_cfg = dict(open_clip.get_model_config('tiny-vit-32')['text_cfg'], context_length=8)
+    stock = open_clip.create_model('tiny-vit-32', pretrained=summary['checkpoint'], text_cfg=text_cfg).eval()
+    assert all(torch.equal(stock.state_dict()[k], v) for k, v in saved.items())
+    evaluated = load_model(None, summary['checkpoint'], device='cpu')
+    texts = model_tokenizer(evaluated, 'tiny-vit-32')(['a large dotted orange triangle on a light background'])   # [1, 8]
+    assert texts.shape == (1, 8) and torch.equal(texts, open_clip.tokenize(['a large dotted orange triangle on a light background'], 8))
+    with torch.no_grad(): assert torch.equal(evaluated.encode_text(texts), stock.encode_text(texts))
+
+
 # -- torch.compile ----------------------------------------------------------------------------------------------------
 
 def test_a_compiled_model_trains_like_the_eager_one(one_thread):
