@@ -9,7 +9,7 @@ __all__ = ['TS_SHAPES', 'TS_COLORS', 'TS_TEXTURES', 'TS_SIZES', 'TS_RGB', 'TEXTU
            'sample_object', 'shape_alpha', 'object_intensity', 'place_objects', 'relation', 'textured_scene',
            'render_textured', 'object_phrase', 'caption_spec', 'spec_text', 'scene_details', 'unique_caption',
            'textured_pairs', 'write_textured_shards', 'facet_scene', 'write_facet_set', 'retrieval_pairs',
-           'write_textured_retrieval', 'changed_element', 'composition_item', 'write_textured_sugarcrepe',
+           'write_textured_retrieval', 'changed_element', 'textured_composition_item', 'write_textured_sugarcrepe',
            'write_textured_bundle', 'resolve_textured_bundle', 'textured_cli']
 
 # %% ../nbs/04a_textured.ipynb #ed7d7e16
@@ -353,7 +353,7 @@ def changed_element(positive: dict, negative: dict) -> tuple:
         if p[0][k] == n[1][k] and p[1][k] == n[0][k] and p[0][k] != p[1][k]: return 'swap', k
     raise ValueError(f'the negative differs in more than one element: {diffs}, relation {rel}, {added_objects} added objects')
 
-# %% ../nbs/04a_textured.ipynb #3e4b04f8
+# %% ../nbs/04a_textured.ipynb #76881d7b
 SUBSET_KINDS = {'replace_obj': ('replace', ('shape',)), 'replace_att': ('replace', ('color', 'texture', 'size')),
                 'replace_rel': ('replace', ('relation',)), 'swap_obj': ('swap', ('shape',)),
                 'swap_att': ('swap', ('color', 'texture', 'size')), 'add_obj': ('add', ('object',)),
@@ -361,7 +361,7 @@ SUBSET_KINDS = {'replace_obj': ('replace', ('shape',)), 'replace_att': ('replace
 
 def _values(attribute: str) -> tuple: return {'shape': TS_SHAPES, 'color': TS_COLORS, 'texture': TS_TEXTURES, 'size': tuple(TS_SIZES)}[attribute]
 
-def composition_item(subset: str, rng: random.Random) -> tuple:
+def textured_composition_item(subset: str, rng: random.Random) -> tuple:
     "`(scene, positive spec, negative spec)` of one item of a SugarCrepe subset; the negative checked by `changed_element`."
     if subset not in SUBSET_KINDS: raise ValueError(f'subset must be one of {list(SUBSET_KINDS)}, got {subset!r}')
     while True:
@@ -394,14 +394,14 @@ def composition_item(subset: str, rng: random.Random) -> tuple:
     assert (kind, element in SUBSET_KINDS[subset][1]) == (SUBSET_KINDS[subset][0], True), (subset, kind, element)
     return scene, positive, negative
 
-# %% ../nbs/04a_textured.ipynb #fae7dd68
+# %% ../nbs/04a_textured.ipynb #d8cbaee1
 def write_textured_sugarcrepe(root, n: int = 300, *, seed: int = 0) -> Path:
     "SugarCrepe's seven subsets, `n` items each: `root/{subset}.json` over `root/images/`."
     items, scenes, filenames = {}, [], []
     for s, subset in enumerate(SUGARCREPE_SUBSETS):
         items[subset] = []
         for i in range(n):
-            scene, positive, negative = composition_item(subset, random.Random(seed_int(seed, TS_SPLITS['sugar_crepe'], s, i)))
+            scene, positive, negative = textured_composition_item(subset, random.Random(seed_int(seed, TS_SPLITS['sugar_crepe'], s, i)))
             items[subset].append((len(scenes), spec_text(positive), spec_text(negative)))
             scenes.append(scene); filenames.append(f'{subset}_{i:05d}.jpg')
     return write_sugarcrepe(root, Path(root) / 'images', map(render_textured, scenes), items, filenames=filenames)
