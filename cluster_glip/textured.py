@@ -140,26 +140,27 @@ def _outline(hard: np.ndarray) -> np.ndarray:
     interior = inside[:-2, 1:-1] & inside[2:, 1:-1] & inside[1:-1, :-2] & inside[1:-1, 2:] & hard
     return hard & ~interior
 
-# %% ../nbs/04a_textured.ipynb #68c58a39
+# %% ../nbs/04a_textured.ipynb #7e97973d
 MAX_COVER, NEXT_TO_PX = 0.3, 12
 
 def place_objects(objects: list, rng: random.Random, size: int = 64) -> list:
-    "Give every object `x`, `y` (in place); returns the painting order (indices, bottom first)."
-    for _ in range(50):
-        order, placed, covered, area = list(range(len(objects))), [], {}, {}
-        rng.shuffle(order)
-        for k in order:
-            obj = objects[k]
-            low, high = obj['radius'] + 1, size - obj['radius'] - 1
-            for _ in range(200):
-                obj['x'], obj['y'] = rng.uniform(low, high), rng.uniform(low, high)
-                hard = shape_alpha(obj, size, supersample=1) > 0.5
-                if all(((covered[j] | hard) & placed_mask).sum() <= MAX_COVER * area[j] for j, placed_mask in placed): break
-            else: break
-            for j, placed_mask in placed: covered[j] |= hard
-            placed.append((k, hard)); covered[k] = np.zeros_like(hard); area[k] = max(1, int(hard.sum()))
-        else: return order
-    raise RuntimeError(f'could not place {len(objects)} objects with at most {MAX_COVER:.0%} occlusion in 50 attempts')
+    "Give every object `x`, `y` (in place; may drop unnamed objects that do not fit); returns the painting order, bottom first."
+    while True:
+        for _ in range(50):
+            order, placed = list(range(len(objects))), []
+            rng.shuffle(order)
+            for k in order:
+                obj = objects[k]
+                low, high = obj['radius'] + 1, size - obj['radius'] - 1
+                for _ in range(200):
+                    obj['x'], obj['y'] = rng.uniform(low, high), rng.uniform(low, high)
+                    hard = shape_alpha(obj, size, supersample=1) > 0.5          # [S, S]
+                    if all((hard & below).sum() <= MAX_COVER * area for below, area in placed): break
+                else: break
+                placed.append((hard, max(1, int(hard.sum()))))
+            else: return order
+        if len(objects) <= 2: raise RuntimeError(f'could not place 2 objects with at most {MAX_COVER:.0%} occlusion')
+        objects.pop()
 
 def relation(a: dict, b: dict) -> str:
     "Where `a` is relative to `b`, from the centres: the larger offset's direction, 'next to' under 12 px."
