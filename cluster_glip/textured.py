@@ -354,7 +354,7 @@ def changed_element(positive: dict, negative: dict) -> tuple:
         if p[0][k] == n[1][k] and p[1][k] == n[0][k] and p[0][k] != p[1][k]: return 'swap', k
     raise ValueError(f'the negative differs in more than one element: {diffs}, relation {rel}, {added_objects} added objects')
 
-# %% ../nbs/04a_textured.ipynb #76881d7b
+# %% ../nbs/04a_textured.ipynb #72f11662
 SUBSET_KINDS = {'replace_obj': ('replace', ('shape',)), 'replace_att': ('replace', ('color', 'texture', 'size')),
                 'replace_rel': ('replace', ('relation',)), 'swap_obj': ('swap', ('shape',)),
                 'swap_att': ('swap', ('color', 'texture', 'size')), 'add_obj': ('add', ('object',)),
@@ -370,7 +370,9 @@ def textured_composition_item(subset: str, rng: random.Random) -> tuple:
         a, b = scene['objects'][:2]
         present = {o['shape'] for o in scene['objects']}
         differ = [k for k in ('color', 'texture', 'size') if a[k] != b[k]]
-        if subset == 'replace_rel' and scene['relation'] == 'next to': continue
+        # "next to" reads both ways: reversing it changes nothing, and swapping between two objects beside each other can
+        # describe the same picture again
+        if subset in ('replace_rel', 'swap_obj', 'swap_att') and scene['relation'] == 'next to': continue
         if (subset == 'swap_obj' and a['shape'] == b['shape']) or (subset == 'swap_att' and not differ): continue
         break
     positive = dict(objects=[{k: o[k] for k in ATTRIBUTES} for o in (a, b)], relation=scene['relation'], extras=[], template=0)
@@ -392,7 +394,8 @@ def textured_composition_item(subset: str, rng: random.Random) -> tuple:
         positive['objects'][which][k] = negative['objects'][which][k] = None
         negative['objects'][which][k] = wrong
     kind, element = changed_element(positive, negative)
-    assert (kind, element in SUBSET_KINDS[subset][1]) == (SUBSET_KINDS[subset][0], True), (subset, kind, element)
+    if kind != SUBSET_KINDS[subset][0] or element not in SUBSET_KINDS[subset][1]:
+        raise AssertionError(f'{subset}: the negative {kind}s {element}, not what the subset changes')
     return scene, positive, negative
 
 # %% ../nbs/04a_textured.ipynb #d8cbaee1
