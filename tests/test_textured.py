@@ -64,3 +64,11 @@ def test_the_budget_rule_measures_the_unmasked_preset(tiny_bundle):
     assert seconds > 0
     plan = budget_steps(seconds, budget_seconds=1000.5 * seconds)   # floor(1000.5 / 50) x 50
     assert plan == {'steps': 1000, 'warmup': 50}
+
+
+def test_shards_are_the_same_bytes_whatever_the_number_of_processes(tmp_path):
+    from cluster_glip.textured import write_textured_shards
+    for processes in (1, 2): write_textured_shards(tmp_path/str(processes), 24, shard_size=8, processes=processes)
+    names = sorted(p.name for p in (tmp_path/'1').iterdir())
+    assert names == sorted(p.name for p in (tmp_path/'2').iterdir()) and len([n for n in names if n.endswith('.tar')]) == 3
+    assert all((tmp_path/'1'/n).read_bytes() == (tmp_path/'2'/n).read_bytes() for n in names)
