@@ -12,9 +12,11 @@ from fastcore.script import anno_parser
 # %% ../nbs/10_cli.ipynb #a85df55e
 COMMANDS = {  # command → 'module:function', each a fastcore `call_parse` function
     'synth': ('cluster_glip.synthetic:synth_cli', 'write the synthetic captioned dataset as webdataset shards'),
+    'textured': ('cluster_glip.textured:textured_cli', 'write the textured-scenes dataset (the textured_scenes study\'s data)'),
     'train': ('cluster_glip.train:train_cli', 'pre-train a (masked) CLIP from a YAML config'),
     'eval':  ('cluster_glip.evaluate:eval_cli', 'evaluate a checkpoint on an evaluation suite'),
     'sweep': ('cluster_glip.sweep:sweep_cli', 'run an ablation sweep through the pre-training notebook'),
+    'budget': ('cluster_glip.study:budget_cli', 'measure the unmasked step time here and print the study\'s step budget'),
     'bench': ('cluster_glip.compare:bench_cli', 'time training steps per masking setting, against open_clip'),
 }
 

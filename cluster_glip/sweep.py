@@ -195,26 +195,37 @@ def dry_run(spec: str | Path | dict, notebook: str | Path | None = None) -> list
     return [describe_point(p, c) for p, c in zip(points, validate_points(points, sweep_notebook(spec, notebook), spec['name']))]
 
 # %% ../nbs/08_sweep.ipynb #45a0208e
-def _bundle_matches(manifest: dict, options: dict) -> bool:
-    "Whether a written bundle's manifest agrees with the options `write_synthetic_bundle` would be called with."
+def _bundle_functions(world: str) -> tuple:
+    "`(write, resolve, defaults)` of a data world: 'shapes' (cluster_glip.synthetic) or 'textured' (cluster_glip.textured)."
     import inspect
-    from cluster_glip.synthetic import write_synthetic_bundle
-    wanted = {k: p.default for k, p in inspect.signature(write_synthetic_bundle).parameters.items() if k != 'root'} | options
+    if world == 'shapes': from cluster_glip.synthetic import write_synthetic_bundle as write, resolve_bundle as resolve
+    elif world == 'textured': from cluster_glip.textured import write_textured_bundle as write, resolve_textured_bundle as resolve
+    else: raise ValueError(f"synthetic_args.world must be 'shapes' or 'textured', got {world!r}")
+    return write, resolve, {k: p.default for k, p in inspect.signature(write).parameters.items() if k != 'root'}
+
+def _bundle_matches(manifest: dict, options: dict, world: str = 'shapes') -> bool:
+    "Whether a written bundle's manifest agrees with the world and the options its writer would be called with."
+    if manifest.get('world', 'shapes') != world: return False
+    wanted = _bundle_functions(world)[2] | options
+    if world == 'textured': return all(wanted[k] == v for k, v in manifest['options'].items())
     recorded = {'n_train': manifest['train']['num_samples'], 'seed': manifest['seed'], 'image_size': manifest['image_size'],
                 'n_zeroshot': manifest['zeroshot']['n'], 'n_retrieval': manifest['retrieval']['n'],
                 'n_sugarcrepe': manifest['sugar_crepe']['n_per_subset']}
     return all(wanted[k] == v for k, v in recorded.items())
 
-def ensure_synthetic_bundle(root: str | Path, **options) -> dict:
-    "The synthetic bundle in `root` (resolved manifest), written first if missing, or if `options` differ from its manifest's."
+def ensure_synthetic_bundle(root: str | Path, world: str | None = None, **options) -> dict:
+    """The data bundle in `root` (resolved manifest), written first if missing, or if its world (`'shapes'` by default,
+    or `'textured'`) or `options` differ from its manifest's."""
     import fcntl
-    from cluster_glip.synthetic import resolve_bundle, write_synthetic_bundle
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     with open(root/'.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)                      # one writer; the others wait, then reuse
-        if (root/'bundle.json').is_file() and (not options or _bundle_matches(json.loads((root/'bundle.json').read_text()), options)):
-            return resolve_bundle(root)                       # no options: whatever bundle is there
-        return write_synthetic_bundle(root, **options)
+        manifest = json.loads((root/'bundle.json').read_text()) if (root/'bundle.json').is_file() else None
+        found = manifest.get('world', 'shapes') if manifest else None
+        write, resolve, _ = _bundle_functions(world or found or 'shapes')
+        if manifest and ((world is None and not options) or _bundle_matches(manifest, options, world or 'shapes')):
+            return resolve(root)                              # no world or options: whatever bundle is there
+        return write(root, **options)
 
 # %% ../nbs/08_sweep.ipynb #6ba0c107
 def notebook_error(path: str | Path) -> str | None:

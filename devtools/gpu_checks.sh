@@ -10,6 +10,8 @@
 #   part=bench      `cluster_glip bench` for ViT-B/16 at batch 256 in bf16, against open_clip's trainer
 #   part=compiled   the same for four settings with the step compiled (--compile)
 #   part=text       CLIPA's shorter texts: the step at 77 / 32 / 16 / 8 text tokens (ViT-B/16, batch 256, bf16)
+#   part=textured   the textured_scenes study's GPU version (not a default part): its data, the budget rule measured
+#                   here (120 s of training per point), then 10 strategies x 5 seeds of ViT-S-sized towers, bf16
 set -uo pipefail
 OUT=${OUT:-runs/gpu_checks}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -46,4 +48,8 @@ compiled)
 text)
   cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,text-32,text-16,text-8 \
      --compare '' --no_feed --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_text" 2>&1 | tee "$OUT/bench_text.log" ;;
+textured)
+  cg textured --out data/textured 2>&1 | tail -2
+  budget=$(cg budget --config textured_gpu --budget 120 2>&1 | tee "$OUT/textured_budget.log" | tail -1)
+  cg sweep textured_scenes_gpu --root "$OUT" --gpus all $budget 2>&1 | tail -3 | tee "$OUT/textured_sweep.log" ;;
 esac; done
