@@ -25,6 +25,7 @@ def plot_against_chance(table: list[dict], path: str | Path | None = None, title
     sns.barplot(x=[r['ratio'] for r in table], y=labels, hue=[r['dataset'] for r in table], legend=False, ax=ax)
     ax.axvline(1, color='k', lw=1, ls='--')
     ax.set(title=title, xlabel='score / chance (log scale; dashed: chance)', ylabel='', xscale='log')
+    ax.xaxis.set_major_formatter('{x:g}'); ax.xaxis.set_minor_formatter('{x:g}')   # 2, 3, 10 rather than 2×10⁰
     fig.tight_layout()
     if path is not None: fig.savefig(path, dpi=120)
     return fig
