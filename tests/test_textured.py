@@ -32,12 +32,13 @@ def rehearsal(root: Path, variants=('clip', 'cluster_fused'), seeds=(0, 1), bund
 
 def test_the_study_sweeps_validate_every_point():
     rows = dry_run('textured_scenes')
-    assert len(rows) == 30 and {r['variant'] for r in rows} == {'clip', 'flip', 'glip', 'cluster_rgb', 'cluster_fused',
-                                                                'released', 'kmeans', 'attention', 'block', 'reclip'}
+    assert len(rows) == 36 and {r['variant'] for r in rows} == {'clip', 'flip', 'glip', 'cluster_rgb', 'cluster_fused',
+                                                                'released', 'kmeans', 'attention', 'block', 'reclip',
+                                                                'pgs', 'pgs_released'}
     assert all(r['model'] == 'tiny-vit-64' and r['tune_steps'] == 0 for r in rows)
     assert {r['image_size'] for r in rows if r['variant'] == 'reclip'} == {48}
     gpu = dry_run('textured_scenes_gpu')                  # the GPU version: the same strategies, five seeds
-    assert len(gpu) == 50 and {r['model'] for r in gpu} == {'small-vit-64'}
+    assert len(gpu) == 60 and {r['model'] for r in gpu} == {'small-vit-64'}
     assert load_sweep('textured_scenes_gpu')['variants'] == load_sweep('textured_scenes')['variants']
 
 
