@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .masking import PatchMasker, fusion_weight
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens, resize_positional_embedding
-from .step import make_optimizer, make_scaler, train_step
+from .step import LOSS_MODEL_ARGS, make_optimizer, make_scaler, train_step
 from .rundir import (CheckpointError, DiskWriteError, MetricsLog, check_resume, find_resume,
                                  list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, run_lock,
                                  save_checkpoint)
@@ -149,7 +149,8 @@ def train_record(result: dict, state: RunState, phase: str, lr: float, loader, m
     "The `train` metrics record of the step `train_step` returned `result` for (`state.step` already counts it)."
     loss, grad_norm, mask = _mean_over_processes(result, world_size)
     return {'event': 'train', 'step': state.step, 'phase': phase, 'epoch': loader.epoch, 'loss': loss, 'lr': lr,
-            'logit_scale': model.logit_scale.exp().item(), 'grad_norm': grad_norm, **speed, **mask,
+            'logit_scale': model.logit_scale.exp().item(),
+            **({'logit_bias': model.logit_bias.item()} if model.logit_bias is not None else {}), 'grad_norm': grad_norm, **speed, **mask,
             'mask_progress': model.masker.progress, **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
 
 # %% ../nbs/06_train.ipynb #2fc27504
@@ -255,7 +256,8 @@ def preflight(cfg: TrainConfig):
 def init_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple:
     "The run's masked model (the same initial weights in every process), its AdamW and its grad scaler (or None)."
     torch.manual_seed(cfg.seed)
-    try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device)
+    try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device,
+                              **LOSS_MODEL_ARGS[cfg.loss])   # SigLIP: a logit bias, t = 10
     except (RuntimeError, AssertionError, KeyError) as e:   # open_clip's loader on weights of another shape
         if not cfg.pretrained: raise
         raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} "
@@ -481,7 +483,7 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
             seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
             result = train_step(step_model, micro_batches, optimizer, generator=mask_generators, scaler=scaler,
                                 precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy,
-                                step=state.step)
+                                step=state.step, loss=cfg.loss)
             state.step, state.skipped_steps = state.step + 1, state.skipped_steps + result['skipped']
             bar.update()
             if schedule.is_due(state.step, cfg.log_every):
