@@ -26,6 +26,7 @@ from .masking import PatchMasker, fusion_weight
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens, resize_positional_embedding
 from .step import LOSS_MODEL_ARGS, make_optimizer, make_scaler, train_step
+from .resolution import loader_for_size, resolution_steps, size_at
 from .rundir import (CheckpointError, DiskWriteError, MetricsLog, check_resume, find_resume,
                                  list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, run_lock,
                                  save_checkpoint)
@@ -151,7 +152,7 @@ def train_record(result: dict, state: RunState, phase: str, lr: float, loader, m
     return {'event': 'train', 'step': state.step, 'phase': phase, 'epoch': loader.epoch, 'loss': loss, 'lr': lr,
             'logit_scale': model.logit_scale.exp().item(),
             **({'logit_bias': model.logit_bias.item()} if model.logit_bias is not None else {}), 'grad_norm': grad_norm, **speed, **mask,
-            'mask_progress': model.masker.progress, **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
+            'mask_progress': model.masker.progress, 'image_size': model.visual.image_size[0], **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
 
 # %% ../nbs/06_train.ipynb #2fc27504
 def _eval_function(cfg: TrainConfig, eval_fn=None):
@@ -273,11 +274,16 @@ class Schedule:
     main_steps: int
     tune_steps: int = 0
     image_size: dict = field(default_factory=dict, compare=False)  # {'main': px, 'tune': px}
+    resolution: list = field(default_factory=list, compare=False)  # progressive: the main phase's [(first step, px)]
 
     @property
     def total(self) -> int: return self.main_steps + self.tune_steps
     def phase(self, step: int) -> str: return 'main' if step < self.main_steps else 'tune'
     def is_due(self, step: int, every: int) -> bool: return step % every == 0 or step == self.total
+    def size(self, step: int) -> int | None:
+        "The image size at `step`: its phase's, or in a progressive main phase the one in force at `step`."
+        progressive = self.resolution and step < self.main_steps
+        return size_at(self.resolution, step) if progressive else self.image_size.get(self.phase(step))
 
     def lr(self, step: int, cfg: TrainConfig) -> float:
         "The learning rate at `step`: each phase its own cosine with warmup."
@@ -286,11 +292,12 @@ class Schedule:
 
 # %% ../nbs/06_train.ipynb #4f80d7dd
 def _phase_image_size(cfg: TrainConfig, phase: str, native_size: int) -> int:
+    if phase == 'main' and cfg.resolution_schedule: return cfg.resolution_schedule[0][1]   # progressive: its first
     return (cfg.image_size if phase == 'main' else cfg.tune_image_size) or native_size
 
-def _phase_loader(cfg: TrainConfig, phase: str, native_size: int):
+def _phase_loader(cfg: TrainConfig, phase: str, native_size: int, image_size: int | None = None):
     batch_size = cfg.batch_size if phase == 'main' else cfg.tune_batch_size or cfg.batch_size
-    image_size = _phase_image_size(cfg, phase, native_size)
+    image_size = image_size or _phase_image_size(cfg, phase, native_size)
     return train_loader(cfg.train_data, batch_size=batch_size, image_size=image_size, num_samples=cfg.train_num_samples,
                         workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **cfg.data)
 
@@ -302,7 +309,8 @@ def phase_loaders(cfg: TrainConfig, native_size: int) -> tuple[dict, Schedule]:
     if cfg.tune_steps or cfg.tune_epochs:
         loaders['tune'] = _phase_loader(cfg, 'tune', native_size)
         tune_steps = cfg.tune_steps or max(1, round(cfg.tune_epochs * len(loaders['tune']) / cfg.accum_steps))
-    return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders})
+    return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders},
+                             resolution_steps(cfg.resolution_schedule, main_steps))
 
 # %% ../nbs/06_train.ipynb #52422f0c
 def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunState, data: list, rng: list,
@@ -365,7 +373,7 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
         raise ConfigError(f"config field 'resume': {path} holds a {ckpt.get('model_name')!r} model, this run "
                           f'trains {cfg.model!r}')
     record = check_resume(path, ckpt.get('config', {}), ckpt['step'], cfg, schedule.total)
-    _resize_model(model, optimizer, schedule.image_size.get(ckpt['data_phase']))  # the phase's geometry (RECLIP)
+    _resize_model(model, optimizer, schedule.size(max(0, ckpt['step'] - 1)))  # the geometry of its last step
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -406,8 +414,9 @@ def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimize
     "Set the model up for `phase` (masker, image size, a fresh optimiser when tuning starts); its stream, optimiser, resized?"
     starts = phase != state.data_phase
     model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
-    size = schedule.image_size.get(phase)
+    size = schedule.size(state.step)
     resized = _resize_model(model, optimizer, size)
+    loaders[phase] = loader_for_size(loaders[phase], size, lambda px: _phase_loader(cfg, phase, px, px))
     if starts and phase == 'tune':
         if cfg.tune_optimizer == 'fresh':
             optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -467,11 +476,11 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         model.train()
         while state.step < schedule.total:
             phase = schedule.phase(state.step)
-            if phase != stream_phase:  # a phase starts (or the run resumes): masker, image size, optimiser, data
+            if (phase, schedule.size(state.step)) != stream_phase:  # a phase or size starts (or the run resumes)
                 batches, optimizer, resized = start_phase(phase, cfg, model, masker, optimizer, loaders, schedule,
                                                           state, log)
                 if resized or stream_phase is None: step_model = wrap_model(model, env, cfg.compile)  # DDP: new shapes
-                loader, stream_phase, flops = loaders[phase], phase, None
+                loader, stream_phase, flops = loaders[phase], (phase, schedule.size(state.step)), None
             micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
                              for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
             lr = schedule.lr(state.step, cfg)
