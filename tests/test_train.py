@@ -153,8 +153,14 @@ def test_reclip_in_two_gloo_processes_matches_one_process_across_the_resolution_
 
 # -- exact resume after SIGKILL ---------------------------------------------------------------------------------------
 
-def test_a_run_killed_with_sigkill_resumes_with_bitwise_the_same_losses(shards, tmp_path):
-    fields = tiny_fields(shards, tmp_path, model='tiny-vit-64', batch_size=24, steps=12, checkpoint_every=4, workers=1)
+KILL_CASES = {'fixed': {},   # progressive: 32 px for steps 0-2, 48 px for 3-8, 64 px for 9-11; the step-4 checkpoint
+               'progressive': {'resolution_schedule': [[0.0, 32], [0.25, 48], [0.75, 64]]}}   # is inside the 48 px size
+
+
+@pytest.mark.parametrize('case', KILL_CASES)
+def test_a_run_killed_with_sigkill_resumes_with_bitwise_the_same_losses(shards, tmp_path, case):
+    fields = tiny_fields(shards, tmp_path, model='tiny-vit-64', batch_size=24, steps=12, checkpoint_every=4, workers=1,
+                         **KILL_CASES[case])
     command = lambda out, **extra: [sys.executable, '-m', 'cluster_glip.train', '--config', 'tiny',
                                     *overrides({**fields, 'output_dir': str(out), **extra})]
     whole = subprocess.run(command(tmp_path / 'whole'), env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -178,6 +184,9 @@ def test_a_run_killed_with_sigkill_resumes_with_bitwise_the_same_losses(shards, 
     reference, after_resume = losses(tmp_path / 'whole'), losses(killed)
     assert sorted(after_resume) == list(range(1, 13))  # the killed run's records past its checkpoint were dropped
     assert after_resume == reference  # bitwise: the same floats, every step
+    if case == 'progressive':
+        sizes = {r['step']: r['image_size'] for r in read_metrics(killed / 'metrics.jsonl')}
+        assert sizes == {s: 32 if s <= 3 else 48 if s <= 9 else 64 for s in range(1, 13)}   # record of step s: step s - 1
 
 
 # -- the loss falls for every masking strategy ------------------------------------------------------------------------
