@@ -226,6 +226,10 @@ def test_a_run_with_each_loss_trains_and_its_checkpoint_loads_in_stock_open_clip
     trained = torch.load(summary['checkpoint'], weights_only=True)['state_dict']
     assert set(stock.state_dict()) == set(trained) and ('logit_bias' in trained) == (loss == 'siglip')
     assert all(torch.equal(v, trained[k]) for k, v in stock.state_dict().items())
+    from cluster_glip.evaluate import load_model   # `cluster_glip eval` builds the model the checkpoint's loss trained
+    for masking in (None, False):                  # with its masker (ours), without (stock open_clip)
+        evaluated = load_model(checkpoint=summary['checkpoint'], device='cpu', masking=masking)
+        assert all(torch.equal(v, trained[k]) for k, v in evaluated.state_dict().items()), masking
 
 
 # -- torch.compile ----------------------------------------------------------------------------------------------------
