@@ -1,5 +1,6 @@
-"""Training end to end: the loss (InfoNCE and SigLIP) equals open_clip's across processes, 2 processes train like 1, a
-SIGKILLed run resumes exactly, the loss falls for every masking strategy and for each loss on the synthetic data (and the
+"""Training end to end: the loss (InfoNCE and SigLIP) equals open_clip's across processes, 2 processes train like 1
+(also across RECLIP's and progressive resolution's switches), a SIGKILLed run resumes exactly (also inside a
+progressive size), the loss falls for every masking strategy and for each loss on the synthetic data (and the
 checkpoint loads in stock open_clip), and a compiled model trains like the eager one.
 (A run with calibration, a tuning phase, an evaluation hook and a resume inside the tuning phase is an example in
 `nbs/06_train.ipynb`, section 7.)"""
@@ -149,6 +150,22 @@ def test_reclip_in_two_gloo_processes_matches_one_process_across_the_resolution_
                for name in ('two', 'one') for s in (3, 5)]
     assert [tuple(w['visual.positional_embedding'].shape) for w in weights] == [(5, 64), (17, 64)] * 2
     for key in weights[1]: assert torch.allclose(weights[1][key], weights[3][key], atol=1e-4, rtol=1e-3), key
+
+
+def test_progressive_resolution_in_two_gloo_processes_matches_one_process_across_both_switches(shards, tmp_path):
+    """Progressive resolution under DDP: 16 px (1 + 2·2) for steps 0-1, 24 px (1 + 3·3) for 2-3, 32 px (1 + 4·4) for 4,
+    each switch inside the main phase (the model wrapped again in DDP, the loader rebuilt at its position): 2 processes
+    train like 1 with accumulation."""
+    common = tiny_fields(shards, tmp_path, steps=5, checkpoint_every=2, keep_last=5, masking={'strategy': 'none'},
+                         resolution_schedule=[[0.0, 16], [0.4, 24], [0.8, 32]])
+    two_processes_train_like_one(common, tmp_path)
+    for name in ('two', 'one'):
+        records = read_metrics(tmp_path / name / 'metrics.jsonl')
+        assert [r['image_size'] for r in records] == [16, 16, 24, 24, 32]
+    weights = [torch.load(tmp_path / name / 'checkpoints' / f'step_0000000{s}.pt', weights_only=True)['state_dict']
+               for name in ('two', 'one') for s in (2, 4, 5)]
+    assert [tuple(w['visual.positional_embedding'].shape) for w in weights] == [(5, 64), (10, 64), (17, 64)] * 2
+    for key in weights[2]: assert torch.allclose(weights[2][key], weights[5][key], atol=1e-4, rtol=1e-3), key
 
 
 # -- exact resume after SIGKILL ---------------------------------------------------------------------------------------
