@@ -210,23 +210,23 @@ def calibrate_run_threshold(model: nn.Module, images: torch.Tensor,
     return threshold
 
 # %% ../nbs/06_train.ipynb #b17c2a02
-def calibration_due(masker: PatchMasker, calibrations: list[dict]) -> bool:
-    "Whether to calibrate now: a calibrated threshold never found yet, or found at another fusion weight than now."
+def calibration_due(masker: PatchMasker, calibrations: list[dict], image_size: int | None = None) -> bool:
+    "Whether to calibrate now: a calibrated threshold never found yet, or found at another fusion weight or size than now."
     if masker.params.get('threshold') != 'calibrated': return False
-    if not calibrations: return True
+    if not calibrations or calibrations[-1].get('image_size', image_size) != image_size: return True
     weight = lambda progress: fusion_weight(masker.params['features'], masker.params['fusion'], progress)
     return weight(calibrations[-1]['progress']) != weight(masker.progress)
 
 def _calibrate_if_due(model: nn.Module, images: torch.Tensor, state: RunState, seed: int, log) -> float | None:
     "Calibrate the threshold on `images` when due; the value goes into the τ history of `state` and the log."
     masker = model.masker
-    if not calibration_due(masker, state.calibrations): return None
+    if not calibration_due(masker, state.calibrations, images.shape[-1]): return None
     later = [state.step] if state.step else []   # step 0 keeps the seed of the single calibration of earlier versions
     generator = torch.Generator(images.device).manual_seed(derived_seed(seed, 'calibrate', *later))
     threshold = calibrate_run_threshold(model, images, generator)
     w = fusion_weight(masker.params['features'], masker.params['fusion'], masker.progress)
     state.calibrations.append(record := {'step': state.step, 'progress': masker.progress, 'fusion_weight': w,
-                                         'mask_threshold': threshold})
+                                         'image_size': images.shape[-1], 'mask_threshold': threshold})
     log.log({'event': 'calibration', **record})
     return threshold
 
