@@ -149,10 +149,11 @@ def train_record(result: dict, state: RunState, phase: str, lr: float, loader, m
                  world_size: int = 1) -> dict:
     "The `train` metrics record of the step `train_step` returned `result` for (`state.step` already counts it)."
     loss, grad_norm, mask = _mean_over_processes(result, world_size)
+    bias = {'logit_bias': model.logit_bias.item()} if model.logit_bias is not None else {}   # a SigLIP model's
     return {'event': 'train', 'step': state.step, 'phase': phase, 'epoch': loader.epoch, 'loss': loss, 'lr': lr,
-            'logit_scale': model.logit_scale.exp().item(),
-            **({'logit_bias': model.logit_bias.item()} if model.logit_bias is not None else {}), 'grad_norm': grad_norm, **speed, **mask,
-            'mask_progress': model.masker.progress, 'image_size': model.visual.image_size[0], **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
+            'logit_scale': model.logit_scale.exp().item(), **bias, 'grad_norm': grad_norm, **speed, **mask,
+            'mask_progress': model.masker.progress, 'image_size': model.visual.image_size[0],
+            **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
 
 # %% ../nbs/06_train.ipynb #2fc27504
 def _eval_function(cfg: TrainConfig, eval_fn=None):
@@ -416,7 +417,7 @@ def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimize
     model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
     size = schedule.size(state.step)
     resized = _resize_model(model, optimizer, size)
-    loaders[phase] = loader_for_size(loaders[phase], size, lambda px: _phase_loader(cfg, phase, px, px))
+    loaders[phase] = loader_for_size(loaders[phase], size, lambda px: _phase_loader(cfg, phase, px, image_size=px))
     if starts and phase == 'tune':
         if cfg.tune_optimizer == 'fresh':
             optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
