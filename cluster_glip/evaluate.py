@@ -30,6 +30,7 @@ from .formats import (SUGARCREPE_SUBSETS, EvalSet, MissingDataset, _require, rea
 from .model import create_model
 from .probe import fit_probe, split_validation
 from .rundir import load_checkpoint
+from .step import LOSS_MODEL_ARGS
 
 # %% ../nbs/07_evaluate.ipynb #e603aef1
 def topk_accuracy(logits: torch.Tensor,          # [N, C] scores, higher is better
@@ -486,16 +487,18 @@ def load_model(name: str | None = None, checkpoint: str | Path | None = None, *,
     name = checkpoint_model(checkpoint, name, record)
     pretrained = str(checkpoint) if checkpoint else None
     masking, as_trained = _eval_masking(record, masking)
-    length = config.get('text_length') if isinstance(config := record.get('config'), dict) else None   # CLIPA's texts
+    config = record.get('config') if isinstance(record.get('config'), dict) else {}
+    head = LOSS_MODEL_ARGS[config.get('loss', 'infonce')]   # SigLIP checkpoints: a logit bias
+    length = config.get('text_length')                      # CLIPA's shorter texts
     if not masking or masking.get('strategy', 'none') == 'none':
         text = {} if length is None else {'text_cfg': dict(open_clip.get_model_config(name)['text_cfg'], context_length=length)}
-        return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision, **text).eval()
+        return open_clip.create_model(name, pretrained=pretrained, device=device, precision=precision, **head, **text).eval()
     masker = make_masker(types.SimpleNamespace(model=name, masking=masking))   # switched on per masked task
     if as_trained: masker.threshold_value = record.get('mask_threshold')       # the τ training last used, if calibrated
     fused = masker.params.get('features') == 'fused'      # the only masking whose decisions depend on training progress
     masker.progress = record.get('mask_progress', None if fused else 0.0)    # None: masked inference refuses, says why
     return create_model(name, pretrained=pretrained, masker=masker, device=device, precision=precision,
-                        context_length=length).eval()
+                        context_length=length, **head).eval()
 
 # %% ../nbs/07_evaluate.ipynb #bb5a2855
 def format_rows(rows: Sequence[dict]) -> str:

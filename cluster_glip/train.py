@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .masking import PatchMasker, fusion_weight
 from .config import ConfigError, TrainConfig, load_config, make_masker, packaged_configs, resolve_callable
 from .model import compile_model, create_model, patch_tokens, resize_positional_embedding
-from .step import make_optimizer, make_scaler, train_step
+from .step import LOSS_MODEL_ARGS, make_optimizer, make_scaler, train_step
+from .resolution import loader_for_size, resolution_steps, size_at
 from .rundir import (CheckpointError, DiskWriteError, MetricsLog, check_resume, find_resume,
                                  list_checkpoints, load_checkpoint, prune_checkpoints, read_metrics, run_lock,
                                  save_checkpoint)
@@ -151,9 +152,11 @@ def train_record(result: dict, state: RunState, phase: str, lr: float, loader, m
                  world_size: int = 1) -> dict:
     "The `train` metrics record of the step `train_step` returned `result` for (`state.step` already counts it)."
     loss, grad_norm, mask = _mean_over_processes(result, world_size)
+    bias = {'logit_bias': model.logit_bias.item()} if model.logit_bias is not None else {}   # a SigLIP model's
     return {'event': 'train', 'step': state.step, 'phase': phase, 'epoch': loader.epoch, 'loss': loss, 'lr': lr,
-            'logit_scale': model.logit_scale.exp().item(), 'grad_norm': grad_norm, **speed, **mask,
-            'mask_progress': model.masker.progress, **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
+            'logit_scale': model.logit_scale.exp().item(), **bias, 'grad_norm': grad_norm, **speed, **mask,
+            'mask_progress': model.masker.progress, 'image_size': model.visual.image_size[0],
+            **data_counts(loader.skipped), 'skipped_steps': state.skipped_steps}
 
 # %% ../nbs/06_train.ipynb #2fc27504
 def _eval_function(cfg: TrainConfig, eval_fn=None):
@@ -211,23 +214,23 @@ def calibrate_run_threshold(model: nn.Module, images: torch.Tensor,
     return threshold
 
 # %% ../nbs/06_train.ipynb #b17c2a02
-def calibration_due(masker: PatchMasker, calibrations: list[dict]) -> bool:
-    "Whether to calibrate now: a calibrated threshold never found yet, or found at another fusion weight than now."
+def calibration_due(masker: PatchMasker, calibrations: list[dict], image_size: int | None = None) -> bool:
+    "Whether to calibrate now: a calibrated threshold never found yet, or found at another fusion weight or size than now."
     if masker.params.get('threshold') != 'calibrated': return False
-    if not calibrations: return True
+    if not calibrations or calibrations[-1].get('image_size', image_size) != image_size: return True
     weight = lambda progress: fusion_weight(masker.params['features'], masker.params['fusion'], progress)
     return weight(calibrations[-1]['progress']) != weight(masker.progress)
 
 def _calibrate_if_due(model: nn.Module, images: torch.Tensor, state: RunState, seed: int, log) -> float | None:
     "Calibrate the threshold on `images` when due; the value goes into the τ history of `state` and the log."
     masker = model.masker
-    if not calibration_due(masker, state.calibrations): return None
+    if not calibration_due(masker, state.calibrations, images.shape[-1]): return None
     later = [state.step] if state.step else []   # step 0 keeps the seed of the single calibration of earlier versions
     generator = torch.Generator(images.device).manual_seed(derived_seed(seed, 'calibrate', *later))
     threshold = calibrate_run_threshold(model, images, generator)
     w = fusion_weight(masker.params['features'], masker.params['fusion'], masker.progress)
     state.calibrations.append(record := {'step': state.step, 'progress': masker.progress, 'fusion_weight': w,
-                                         'mask_threshold': threshold})
+                                         'image_size': images.shape[-1], 'mask_threshold': threshold})
     log.log({'event': 'calibration', **record})
     return threshold
 
@@ -259,7 +262,8 @@ def init_model_and_optimizer(cfg: TrainConfig, device: torch.device) -> tuple:
     "The run's masked model (the same initial weights in every process), its AdamW and its grad scaler (or None)."
     torch.manual_seed(cfg.seed)
     try: model = create_model(cfg.model, pretrained=cfg.pretrained, masker=make_masker(cfg), device=device,
-                                 context_length=cfg.text_length)
+                              context_length=cfg.text_length,
+                              **LOSS_MODEL_ARGS[cfg.loss])   # CLIPA's text length; SigLIP: a logit bias, t = 10
     except (RuntimeError, AssertionError, KeyError) as e:   # open_clip's loader on weights of another shape
         if not cfg.pretrained: raise
         raise ConfigError(f"config field 'pretrained': {cfg.pretrained} does not fit model {cfg.model!r} "
@@ -275,11 +279,16 @@ class Schedule:
     main_steps: int
     tune_steps: int = 0
     image_size: dict = field(default_factory=dict, compare=False)  # {'main': px, 'tune': px}
+    resolution: list = field(default_factory=list, compare=False)  # progressive: the main phase's [(first step, px)]
 
     @property
     def total(self) -> int: return self.main_steps + self.tune_steps
     def phase(self, step: int) -> str: return 'main' if step < self.main_steps else 'tune'
     def is_due(self, step: int, every: int) -> bool: return step % every == 0 or step == self.total
+    def size(self, step: int) -> int | None:
+        "The image size at `step`: its phase's, or in a progressive main phase the one in force at `step`."
+        progressive = self.resolution and step < self.main_steps
+        return size_at(self.resolution, step) if progressive else self.image_size.get(self.phase(step))
 
     def lr(self, step: int, cfg: TrainConfig) -> float:
         "The learning rate at `step`: each phase its own cosine with warmup."
@@ -288,6 +297,7 @@ class Schedule:
 
 # %% ../nbs/06_train.ipynb #4f80d7dd
 def _phase_image_size(cfg: TrainConfig, phase: str, native_size: int) -> int:
+    if phase == 'main' and cfg.resolution_schedule: return cfg.resolution_schedule[0][1]   # progressive: its first
     return (cfg.image_size if phase == 'main' else cfg.tune_image_size) or native_size
 
 def text_options(cfg: TrainConfig) -> dict:
@@ -296,9 +306,9 @@ def text_options(cfg: TrainConfig) -> dict:
     native = open_clip.get_model_config(cfg.model)['text_cfg'].get('context_length', 77)
     return {'tokenizer': ReducedTokenizer(cfg.text_length or native, cfg.text_reduction)}
 
-def _phase_loader(cfg: TrainConfig, phase: str, native_size: int):
+def _phase_loader(cfg: TrainConfig, phase: str, native_size: int, image_size: int | None = None):
     batch_size = cfg.batch_size if phase == 'main' else cfg.tune_batch_size or cfg.batch_size
-    image_size = _phase_image_size(cfg, phase, native_size)
+    image_size = image_size or _phase_image_size(cfg, phase, native_size)
     return train_loader(cfg.train_data, batch_size=batch_size, image_size=image_size, num_samples=cfg.train_num_samples,
                         workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **text_options(cfg), **cfg.data)
 
@@ -310,7 +320,8 @@ def phase_loaders(cfg: TrainConfig, native_size: int) -> tuple[dict, Schedule]:
     if cfg.tune_steps or cfg.tune_epochs:
         loaders['tune'] = _phase_loader(cfg, 'tune', native_size)
         tune_steps = cfg.tune_steps or max(1, round(cfg.tune_epochs * len(loaders['tune']) / cfg.accum_steps))
-    return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders})
+    return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders},
+                             resolution_steps(cfg.resolution_schedule, main_steps))
 
 # %% ../nbs/06_train.ipynb #52422f0c
 def checkpoint_payload(model: nn.Module, masker, optimizer, scaler, state: RunState, data: list, rng: list,
@@ -373,7 +384,7 @@ def resume_run(path: Path, cfg: TrainConfig, env: DistEnv, model: nn.Module, opt
         raise ConfigError(f"config field 'resume': {path} holds a {ckpt.get('model_name')!r} model, this run "
                           f'trains {cfg.model!r}')
     record = check_resume(path, ckpt.get('config', {}), ckpt['step'], cfg, schedule.total)
-    _resize_model(model, optimizer, schedule.image_size.get(ckpt['data_phase']))  # the phase's geometry (RECLIP)
+    _resize_model(model, optimizer, schedule.size(max(0, ckpt['step'] - 1)))  # the geometry of its last step
     model.load_state_dict(ckpt['state_dict'])
     optimizer.load_state_dict(ckpt['optimizer'])
     if scaler is not None: scaler.load_state_dict(ckpt['scaler'])
@@ -414,8 +425,9 @@ def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimize
     "Set the model up for `phase` (masker, image size, a fresh optimiser when tuning starts); its stream, optimiser, resized?"
     starts = phase != state.data_phase
     model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
-    size = schedule.image_size.get(phase)
+    size = schedule.size(state.step)
     resized = _resize_model(model, optimizer, size)
+    loaders[phase] = loader_for_size(loaders[phase], size, lambda px: _phase_loader(cfg, phase, px, image_size=px))
     if starts and phase == 'tune':
         if cfg.tune_optimizer == 'fresh':
             optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -475,11 +487,11 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         model.train()
         while state.step < schedule.total:
             phase = schedule.phase(state.step)
-            if phase != stream_phase:  # a phase starts (or the run resumes): masker, image size, optimiser, data
+            if (phase, schedule.size(state.step)) != stream_phase:  # a phase or size starts (or the run resumes)
                 batches, optimizer, resized = start_phase(phase, cfg, model, masker, optimizer, loaders, schedule,
                                                           state, log)
                 if resized or stream_phase is None: step_model = wrap_model(model, env, cfg.compile)  # DDP: new shapes
-                loader, stream_phase, flops = loaders[phase], phase, None
+                loader, stream_phase, flops = loaders[phase], (phase, schedule.size(state.step)), None
             micro_batches = [tuple(x.to(env.device, non_blocking=True) for x in next(batches))
                              for _ in range(cfg.accum_steps)]  # accum_steps × (images [b, 3, H, W], texts [b, T])
             lr = schedule.lr(state.step, cfg)
@@ -491,7 +503,7 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
             seed_mask_generators(mask_generators, cfg.seed, state.step, env.rank)
             result = train_step(step_model, micro_batches, optimizer, generator=mask_generators, scaler=scaler,
                                 precision=cfg.precision, grad_clip=cfg.grad_clip, nan_policy=cfg.nan_policy,
-                                step=state.step)
+                                step=state.step, loss=cfg.loss)
             state.step, state.skipped_steps = state.step + 1, state.skipped_steps + result['skipped']
             bar.update()
             if schedule.is_due(state.step, cfg.log_every):
