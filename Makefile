@@ -39,10 +39,12 @@ nbtest: install
 	    echo "  SKIPPED $$(grep -cE '"#\| *cuda' $$nb) cuda cell(s) in $$nb"; done; \
 	fi; \
 	echo "nbdev_test --flags '$$flags'"; \
-	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing --flags "$$flags" --skip_folder_re '^(_|\.|experiments$$)'
+	scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; \
+	TMPDIR=$$scratch OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2 --timing --flags "$$flags" --skip_folder_re '^(_|\.|experiments$$)'
 
+# Notebooks and tests write their runs (checkpoints: gigabytes in all) under a scratch TMPDIR removed at the end.
 pytest: install
-	$(BIN)/python -m pytest tests -q -rs
+	scratch=$$(mktemp -d); trap 'rm -rf "$$scratch"' EXIT; TMPDIR=$$scratch $(BIN)/python -m pytest tests -q -rs
 
 test: check-sync nbtest pytest
 

@@ -9,7 +9,7 @@ where they train). Figures are PNG at 80 dpi; the size budget is checked by test
     python devtools/execute_nbs.py                       # every notebook, in place
     python devtools/execute_nbs.py nbs/01_model.ipynb --out /tmp/look   # a copy, to look at
 """
-import argparse, os, re, shutil, sys, time
+import argparse, os, re, shutil, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +29,7 @@ EXPERIMENT_PARAMETERS = {
     'pretrain.ipynb': _pretrain_parameters,
     'mask_gallery.ipynb': lambda: {'out_dir': f'{OUT}/mask_gallery'},
     'results.ipynb': lambda: {'runs_root': 'nbs/experiments/results_data', 'out_dir': f'{OUT}/results'},
+    'textured_scenes.ipynb': lambda: {'results_dir': 'nbs/experiments/results_data/textured_scenes', 'out_dir': f'{OUT}/textured_scenes'},
 }
 PNG_BUDGET = 120_000   # bytes per figure before it is stored with a palette
 DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+:?)\s*(.*)$', re.M)
@@ -120,20 +121,30 @@ def main(argv=None):
         args.flags = 'cuda' if torch.cuda.is_available() else ''
     flags = set(args.flags.split())
     os.environ.setdefault('TQDM_DISABLE', '1')    # progress bars are for people at a terminal, not for the docs
+    scratch = tempfile.mkdtemp(prefix='execute_nbs_')  # the notebooks' temporary runs (gigabytes), removed at the end
+    os.environ['TMPDIR'] = tempfile.tempdir = scratch
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     sys.path.insert(0, str(ROOT))
     paths = [p.resolve() for p in args.notebooks] or all_notebooks()
     failed = []
-    for path in paths:
-        dest = args.out / path.relative_to(NBS) if args.out else path
-        try:
-            seconds = execute(path, dest, flags)
-        except Exception as error:
-            print(error, file=sys.stderr); failed.append(path); continue
-        size = dest.stat().st_size
-        print(f'{path.relative_to(ROOT)}: executed in {seconds:.0f} s, {size / 1024:.0f} KiB -> {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}')
+    try:
+        for path in paths:
+            run_one(path, args.out, flags, failed)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     if failed:
         sys.exit(f'{len(failed)} notebook(s) failed, left unchanged: ' + ', '.join(str(p.relative_to(ROOT)) for p in failed))
+
+
+def run_one(path: Path, out: Path | None, flags: set, failed: list):
+    "Execute one notebook into `out` (None: in place); a failure is printed and recorded, the notebook left unchanged."
+    dest = out / path.relative_to(NBS) if out else path
+    try:
+        seconds = execute(path, dest, flags)
+    except Exception as error:
+        print(error, file=sys.stderr); failed.append(path); return
+    size = dest.stat().st_size
+    print(f'{path.relative_to(ROOT)}: executed in {seconds:.0f} s, {size / 1024:.0f} KiB -> {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}')
 
 
 TEST_FLAGS = set()
