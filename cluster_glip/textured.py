@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from .formats import SUGARCREPE_SUBSETS, write_karpathy, write_sugarcrepe, write_tar, write_wds, image_bytes
 from .shards import seed_int, shard_pattern, write_shard_index
-from .synthetic import PALETTE, SHAPE_VERTICES, _parallel_map
+from .synthetic import PALETTE, SHAPE_VERTICES, _parallel_map, _region   # _region: "the top left", ...
 
 # %% ../nbs/04a_textured.ipynb #7c2dbf11
 TS_SHAPES = ('circle', 'square', 'triangle', 'star', 'cross', 'ring', 'crescent', 'arrow')
@@ -217,11 +217,6 @@ def spec_text(spec: dict) -> str:
     return text + ''.join(f' and {_a(s)}' for s in spec['extras'])
 
 # %% ../nbs/04a_textured.ipynb #06926b8b
-def _region(obj: dict, size: int) -> str:
-    row, col = (min(2, int(3 * obj[a] / size)) for a in ('y', 'x'))
-    name = f"{('top', 'middle', 'bottom')[row]} {('left', 'centre', 'right')[col]}"
-    return 'the centre' if name == 'middle centre' else f'the {name}'
-
 def scene_details(scene: dict) -> list:
     "Phrases true of this scene that tell it apart from similar ones."
     objects, size = scene['objects'], scene['image_size']
