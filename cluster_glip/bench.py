@@ -7,7 +7,7 @@ __all__ = ['DEFAULT_SETTINGS', 'PAPER_PRESET', 'SETTING_FIELDS', 'BENCHMARK_CONF
            'model_geometry', 'reclip_size', 'named_setting', 'parse_setting', 'split_settings', 'patch_dropout_of',
            'package_version', 'machine_info', 'synchronize', 'time_calls', 'interleaved_timings', 'PeakMemory',
            'state_bytes', 'tokens_gflops', 'measure_settings', 'largest_batch', 'fits_on_device', 'paired_speedup',
-           'add_ratios', 'benchmark_masking', 'settings_table', 'comparison_table', 'check_targets']
+           'add_ratios', 'schedule_speedup', 'benchmark_masking', 'settings_table', 'comparison_table', 'check_targets']
 
 # %% ../nbs/09_bench.ipynb #95cf1e21
 import ctypes, gc, json, math, os, platform, re, statistics, time
@@ -26,15 +26,15 @@ from torch import nn
 from .config import load_config, merge_config_dicts, parse_override, read_config_file
 from .masking import STRATEGIES, PatchMasker, mask_patches
 from .model import compile_model, create_model, forward_gflops
-from .step import make_optimizer, make_scaler, train_step
+from .step import LOSS_MODEL_ARGS, make_optimizer, make_scaler, train_step
 from .text import truncate_tokens
 from .train import calibrate_run_threshold
 
 # %% ../nbs/09_bench.ipynb #68ff0246
 DEFAULT_SETTINGS = ('none', 'random-0.5', 'random-0.75', 'gaussian-0.5', 'cluster-0.5', 'cluster-paper', 'kmeans-0.5',
-                    'reclip-160', 'reclip-112', 'reclip-64')
+                    'pgs-0.5', 'reclip-160', 'reclip-112', 'reclip-64', 'text-32', 'text-16', 'text-8', 'siglip')
 PAPER_PRESET = 'cluster_cc12m_vitb16'   # the training preset whose masking `cluster-paper` benchmarks
-SETTING_FIELDS = ('masking', 'image_size', 'text_length')  # the TrainConfig fields a setting may change
+SETTING_FIELDS = ('masking', 'image_size', 'text_length', 'loss')  # the TrainConfig fields a setting may change
 
 @dataclass(frozen=True)
 class BenchSetting:
@@ -58,6 +58,10 @@ class BenchSetting:
     def text_length(self, native: int) -> int:
         "The text context length this setting trains at (CLIPA), for texts of `native` tokens."
         return self.fields.get('text_length') or native
+    @property
+    def loss(self) -> str:
+        "The training loss: 'infonce' (CLIP) unless the setting sets 'siglip'."
+        return self.fields.get('loss', 'infonce')
 
 # %% ../nbs/09_bench.ipynb #e7f22996
 def model_geometry(model: str) -> tuple[int, int]:
@@ -77,8 +81,9 @@ def reclip_size(side: int, model: str) -> int:
     return max(1, round(native // patch * side / 224)) * patch
 
 def named_setting(name: str, model: str = 'ViT-B-16') -> BenchSetting | None:
-    "The built-in setting `name` (none, <strategy>-<ratio>, cluster-paper, reclip-<px>, text-<tokens>) for `model`; None if there is none."
+    "The built-in setting `name` (none, <strategy>-<ratio>, cluster-paper, reclip-<px>, text-<tokens>, siglip) for `model`; None if there is none."
     if name in ('none', 'clip'): return BenchSetting('none', ('masking.strategy=none',))
+    if name == 'siglip': return BenchSetting('siglip', ('loss=siglip',))
     if name == 'cluster-paper':
         masking = read_config_file(PAPER_PRESET)['masking']
         return BenchSetting(name, tuple(f'masking.{k}={_yaml_value(v)}' for k, v in masking.items()))
@@ -101,7 +106,7 @@ def parse_setting(text: 'str | BenchSetting', model: str = 'ViT-B-16') -> BenchS
     if setting is None or not setting.label:
         strategies = ', '.join(s for s in STRATEGIES if s != 'none')
         raise ValueError(f'unknown benchmark setting {text!r}: use none, <strategy>-<ratio> (strategies: {strategies}; '
-                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), text-<tokens> (CLIPA: 32, 16, 8), or label:field=value,... '
+                         'e.g. random-0.5), cluster-paper, reclip-<px> (160, 112, 64), text-<tokens> (CLIPA: 32, 16, 8), siglip, or label:field=value,... '
                          '(TrainConfig overrides, e.g. mine:masking.strategy=random,masking.ratio=0.6)')
     if extra := sorted(set(setting.fields) - set(SETTING_FIELDS)):
         raise ValueError(f'benchmark setting {setting.label!r} sets {", ".join(extra)}: a setting changes only '
@@ -124,7 +129,7 @@ def patch_dropout_of(setting: BenchSetting) -> float:
     "open_clip's `--force-patch-dropout` for a setting it can run (no masking, or random masking at one ratio); else a ValueError."
     masking = setting.masking
     strategy = masking['strategy']
-    if not {'image_size', 'text_length'} & set(setting.fields) and (
+    if not {'image_size', 'text_length', 'loss'} & set(setting.fields) and (
             strategy == 'none' or (strategy == 'random' and set(masking) == {'strategy', 'ratio'})):
         return 0.0 if strategy == 'none' else masking['ratio']
     raise ValueError(f"open_clip's trainer has no equivalent of setting {setting.label!r}: compare none or random-<ratio> "
@@ -253,7 +258,7 @@ def _step_fns(net, stepper, optimizer, scaler, precision: str):
         net.masker = run.masker
         batch = [(run.pixels if pixels is None else pixels, run.texts if words is None else words)]
         out = train_step(stepper if pixels is None else net, batch, optimizer, scaler=scaler, precision=precision,
-                         generator=run.generator, nan_policy='skip')
+                         generator=run.generator, nan_policy='skip', loss=run.setting.loss)
         run.skipped += out['skipped']
     def plan(run):
         net.masker = run.masker
@@ -302,7 +307,8 @@ def measure_settings(model: str, settings, images: torch.Tensor, texts: torch.Te
     the settings open_clip can run (`none`, `random-r`)."""
     device, settings = torch.device(device), [parse_setting(s, model) for s in settings]
     torch.manual_seed(seed)
-    net = create_model(model, device=device).train()
+    sigmoid = any(s.loss == 'siglip' for s in settings)                    # the model gets SigLIP's logit bias
+    net = create_model(model, device=device, **(LOSS_MODEL_ARGS['siglip'] if sigmoid else {})).train()
     stepper = compile_model(net) if compile else net                          # compiled: one static graph per setting
     optimizer, scaler = make_optimizer(net, lr=1e-5), make_scaler(precision, device)
     images, texts = images.to(device), texts.to(device)                      # [B, 3, H, W], [B, T]
@@ -381,6 +387,18 @@ def add_ratios(rows: list[dict], peak_tflops: float | None = None, baseline: str
         row['memory_ratio'] = ratio(row['peak_memory_mb'], base and base['peak_memory_mb'])
         out.append(row)
     return out
+
+# %% ../nbs/09_bench.ipynb #c75c24f9
+def schedule_speedup(rows: list[dict], schedule: list, model: str = 'ViT-B-16') -> float | None:
+    """Speed-up over the model's own size of a `resolution_schedule` [[fraction, px], ...] (px as for ViT-B/16, mapped
+    like the `reclip-<px>` settings), from the unmasked rows at each size; None when a size has no row."""
+    native = model_geometry(model)[0]
+    step_at = {r['image_size']: r['step_s'] for r in rows if r['setting'] == 'none' or r['setting'].startswith('reclip-')}
+    ends = [fraction for fraction, _ in schedule[1:]] + [1.0]
+    sizes = [native if px >= 224 else reclip_size(px, model) for _, px in schedule]
+    if native not in step_at or any(size not in step_at for size in sizes): return None
+    seconds = sum((end - start) * step_at[size] for (start, _), end, size in zip(schedule, ends, sizes))
+    return step_at[native] / seconds
 
 # %% ../nbs/09_bench.ipynb #4f20513f
 BENCHMARK_CONFIGS = (('random', {}), ('gaussian', {}), ('cluster', {}), ('cluster', {'features': 'fused'}),

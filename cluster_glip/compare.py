@@ -119,7 +119,8 @@ def open_clip_step_fn(model: str, images: torch.Tensor, texts: torch.Tensor, *, 
     device = torch.device(device)
     torch.manual_seed(seed)
     net = open_clip.create_model(model, precision=open_clip_precision(precision), device=device, output_dict=True).train()
-    optimizer, scaler, loss = make_optimizer(net, lr=1e-5), make_scaler(precision, device), ClipLoss(cache_labels=True)
+    optimizer = make_optimizer(net, lr=1e-5, fused=None)                       # as open_clip_train builds it: torch's default
+    scaler, loss = make_scaler(precision, device), ClipLoss(cache_labels=True)
     autocast = get_autocast(open_clip_precision(precision), device_type=device.type)
     images, texts = images.to(device), texts.to(device)
     def step(setting: BenchSetting):

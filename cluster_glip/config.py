@@ -20,6 +20,7 @@ import open_clip
 
 from .masking import PatchMasker
 import cluster_glip.model  # registers the package's tiny model configs with open_clip
+from .pixels import RESIZE_ON
 from .shards import dataset_size, train_loader
 from .text import check_text_reduction
 
@@ -179,7 +180,7 @@ def resolve_callable(spec: str):
 # %% ../nbs/05_config.ipynb #36a34cdd
 # what a config's `data` dict may pass to `cluster_glip.shards.train_loader` (the trainer sets the other arguments)
 LOADER_OPTIONS = tuple(p for p in inspect.signature(train_loader).parameters
-                       if p not in ('urls', 'batch_size', 'image_size', 'num_samples', 'rank', 'world_size', 'workers', 'seed', 'epoch'))
+                       if p not in ('urls', 'batch_size', 'image_size', 'num_samples', 'rank', 'world_size', 'workers', 'seed', 'epoch', 'device'))
 
 def _check_resolution_schedule(schedule: list, patch: int):
     "[[fraction, px], ...]: fractions from 0 ascending in [0, 1), sizes increasing multiples of `patch` (else a ConfigError)."
@@ -241,6 +242,8 @@ def validate_config(cfg: 'TrainConfig'):
     if cfg.eval_fn: resolve_callable(cfg.eval_fn)
     unknown = sorted(set(cfg.data) - set(LOADER_OPTIONS))
     if unknown: raise ConfigError(f"config field 'data': no loader option {', '.join(unknown)}; options: {', '.join(LOADER_OPTIONS)}")
+    if cfg.data.get('resize_on', 'auto') not in RESIZE_ON:
+        raise ConfigError(f"config field 'data.resize_on' must be one of {', '.join(RESIZE_ON)}, got {cfg.data['resize_on']!r}")
     if cfg.resume not in (None, 'latest') and not Path(cfg.resume).is_file():
         raise ConfigError(f"config field 'resume' must be 'latest', a checkpoint file or None; no file {cfg.resume!r}")
     make_masker(cfg)

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['SKIP_REASONS', 'CONVERSIONS', 'write_shard_index', 'shard_pattern', 'seed_int', 'Source', 'expand_sources',
-           'shard_sizes', 'dataset_size', 'RandomResizedCrop', 'normalize_pixels', 'to_rgb', 'train_transform',
-           'eval_transform', 'decode_sample', 'data_counts', 'iter_shard', 'ShardStream', 'TrainLoader', 'train_loader',
+           'shard_sizes', 'dataset_size', 'RandomResizedCrop', 'to_rgb', 'train_transform', 'eval_transform',
+           'decode_sample', 'data_counts', 'iter_shard', 'ShardStream', 'TrainLoader', 'train_loader',
            'folder_to_shards']
 
 # %% ../nbs/03_shards.ipynb #13895bc7
@@ -26,6 +26,7 @@ from torchvision.transforms import InterpolationMode
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from .formats import WDS_IMAGE_EXTENSIONS, image_bytes, write_tar
+from .pixels import crop_canvas, images_from_crops, normalize_pixels, resolve_resize_on
 from .text import ReducedTokenizer
 
 # %% ../nbs/03_shards.ipynb #bbca89cb
@@ -144,15 +145,6 @@ class RandomResizedCrop:
         return self.apply(image, self.box(*image.size, generator))
 
 # %% ../nbs/03_shards.ipynb #79b9b2b5
-def normalize_pixels(pixels: torch.Tensor, mean=open_clip.OPENAI_DATASET_MEAN,
-                     std=open_clip.OPENAI_DATASET_STD) -> torch.Tensor:
-    "uint8 `[B, H, W, 3]` → float32 `[B, 3, H, W]` scaled to [0, 1] and normalised, as `ToTensor` + `Normalize`."
-    x = pixels.permute(0, 3, 1, 2).float().div(255)  # [B, 3, H, W]
-    mean = torch.as_tensor(mean, dtype=x.dtype)[:, None, None]
-    std = torch.as_tensor(std, dtype=x.dtype)[:, None, None]
-    return x.sub_(mean).div_(std)
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     "RGB, with transparency composited onto white and 16-bit or float greyscale scaled to 8 bits."
     if image.mode == 'RGB': return image
@@ -282,13 +274,15 @@ def _shard_fault(url: str) -> str | None:
 # %% ../nbs/03_shards.ipynb #47284ae7
 class ShardStream(IterableDataset):
     """The per-worker pipeline: shards → raw samples → shuffle buffer → decode (faults counted) → crop → batches of
-    `(images [B, 3, H, W] float32, texts [B, 77] int64, counts)`. Build it through `train_loader`."""
+    `(pixels, sizes, texts [B, 77] int64, counts, index)`. `resize_on='loader'`: pixels are the images `[B, 3, H, W]`
+    float32 normalised, sizes None; `'device'`: the crops, uint8 `[B, h, w, 3]` in a canvas, and their sizes `[B, 2]`
+    (`cluster_glip.pixels`). Build it through `train_loader`."""
     def __init__(self, sources, *, batch_size: int, image_size: int, num_samples: int, rank: int, world_size: int,
-                 workers: int, seed: int, resampled: bool, scale, tokenizer, shuffle_buffer: int):
+                 workers: int, seed: int, resampled: bool, scale, tokenizer, shuffle_buffer: int, resize_on: str = 'loader'):
         self.sources, self.batch_size, self.image_size = sources, int(batch_size), int(image_size)
         self.rank, self.world_size, self.workers = int(rank), int(world_size), max(1, int(workers))
         self.seed, self.resampled, self.tokenizer = int(seed), bool(resampled), tokenizer
-        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.shuffle_buffer, self.resize_on = max(1, int(shuffle_buffer)), resolve_resize_on(resize_on, None)
         self.crop = RandomResizedCrop(image_size, scale)
         self.shards = [shard for source in sources for shard in source.shards]
         self.readers = self.world_size * self.workers
@@ -373,7 +367,7 @@ def _usable(self: ShardStream, epoch: int, reader: int, counts: Counter):
 # %% ../nbs/03_shards.ipynb #77ceb3d9
 @patch
 def _batches(self: ShardStream):
-    "This worker's batches `(images, texts, counts, batch index)` of the current epoch, from its position on."
+    "This worker's batches `(pixels, sizes, texts, counts, batch index)` of the current epoch, from its position on."
     info = get_worker_info()
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
     if workers != self.workers:
@@ -400,18 +394,25 @@ def _batches(self: ShardStream):
         if b < skip:
             counts.clear()  # consumed before a resume: its counts are already in the trainer's totals
             continue
-        pixels = torch.from_numpy(np.stack([np.asarray(self.crop.apply(im, box)) for im, box, _ in batch]))
+        if self.resize_on == 'device':  # only cut out: the device resizes and normalises (cluster_glip.pixels)
+            pixels, sizes = crop_canvas([im.crop((left, top, left + w, top + h)) for im, (top, left, h, w), _ in batch])
+        else:
+            resized = np.stack([np.asarray(self.crop.apply(im, box)) for im, box, _ in batch])   # [B, H, W, 3] uint8
+            pixels, sizes = normalize_pixels(torch.from_numpy(resized)), None
         captions, seeds = [c for _, _, c in batch], [seed_int(self.seed, epoch, reader, 'text', b, i) for i in range(len(batch))]
         texts = (self.tokenizer(captions, seeds) if isinstance(self.tokenizer, ReducedTokenizer) else self.tokenizer(captions)).long()
-        # [B, 3, H, W] float32, [B, C] int64 (C: the tokenizer's length), fault counts, this batch's index in the rank's epoch
-        yield normalize_pixels(pixels), texts, dict(counts), b * workers + worker
+        # images [B, 3, H, W] float32 and None, or crops [B, h, w, 3] uint8 and sizes [B, 2]; [B, C] int64 (C: the
+        # tokenizer's length); fault counts; this batch's index in the rank's epoch
+        yield pixels, sizes, texts, dict(counts), b * workers + worker
         counts.clear()
 
 # %% ../nbs/03_shards.ipynb #a61135e2
 class TrainLoader:
-    "Batches `(images [B, 3, H, W] float32 normalised, texts [B, C] int64)` (C: 77, or a ReducedTokenizer's length) for one rank; `len()` is the same on every rank."
-    def __init__(self, stream: ShardStream, workers: int, pin_memory: bool | None = None, prefetch_factor: int = 2):
-        self.stream, self.workers = stream, int(workers)
+    """Batches `(images [B, 3, H, W] float32 normalised, texts [B, C] int64)` (C: 77, or a ReducedTokenizer's length) for
+    one rank, on `device` when the stream's crops are resized there (else on the CPU); `len()` is the same on every rank."""
+    def __init__(self, stream: ShardStream, workers: int, pin_memory: bool | None = None, prefetch_factor: int = 2,
+                 device=None):
+        self.stream, self.workers, self.device = stream, int(workers), torch.device(device or 'cpu')
         pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.dataloader = DataLoader(stream, batch_size=None, num_workers=self.workers, pin_memory=pin_memory,
                                      persistent_workers=self.workers > 0,
@@ -433,16 +434,22 @@ class TrainLoader:
         if self.batch >= self.num_batches: self.epoch, self.batch = self.epoch + 1, 0
         self.stream.position[0], self.stream.position[1] = self.epoch, self.batch
         pending = {}  # the DataLoader cycles workers from worker 0; after a resume the order must start elsewhere
-        for images, texts, counts, index in self.dataloader:
-            pending[index] = images, texts, counts
+        for pixels, sizes, texts, counts, index in self.dataloader:
+            pending[index] = pixels, sizes, texts, counts
             while self.batch in pending:
-                images, texts, counts = pending.pop(self.batch)
+                pixels, sizes, texts, counts = pending.pop(self.batch)
                 for name, n in counts.items():
                     if name == 'repeated': self.repeated += n
                     else: self.skipped[name] += n
                 self.batch += 1
-                yield images, texts
+                yield self.images(pixels, sizes), texts
         if self.batch >= self.num_batches: self.epoch, self.batch = self.epoch + 1, 0
+
+    def images(self, pixels: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+        "The model's input: the worker's images as they are, or its crops resized and normalised on `self.device`."
+        if sizes is None: return pixels
+        return images_from_crops(pixels.to(self.device, non_blocking=True), sizes.to(self.device, non_blocking=True),
+                                 self.stream.image_size)
 
 # %% ../nbs/03_shards.ipynb #6d597201
 @patch
@@ -459,9 +466,11 @@ def load_state_dict(self: TrainLoader, state: dict):
 def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | None = None, rank: int | None = None,
                  world_size: int | None = None, workers: int = 2, seed: int = 0, resampled: bool = False, weights=None,
                  scale=(0.9, 1.0), epoch: int = 0, tokenizer=None, shuffle_buffer: int = 2000,
-                 pin_memory: bool | None = None) -> TrainLoader:
+                 pin_memory: bool | None = None, resize_on: str = 'auto', device=None) -> TrainLoader:
     """A `TrainLoader` over img2dataset shards. `num_samples`: samples per epoch over all ranks (default: the shards'
-    `sizes.json`/`_info.json`). `tokenizer`: a callable, an open_clip model name, None for open_clip's CLIP BPE, or a `ReducedTokenizer`."""
+    `sizes.json`/`_info.json`). `tokenizer`: a callable, an open_clip model name, None for open_clip's CLIP BPE, or a
+    `ReducedTokenizer`. `resize_on`: where crops are resized and normalised, `loader` (the workers, with Pillow) or
+    `device` (batched on `device`, the batches' destination); `auto`: `device` when that is a GPU."""
     sources = expand_sources(urls, weights)
     if weights is not None and not resampled:
         raise ValueError("source weights need resampled=True: exact epochs read every shard once, so there is nothing to weight")
@@ -486,8 +495,8 @@ def train_loader(urls, *, batch_size: int, image_size: int, num_samples: int | N
     elif isinstance(tokenizer, str): tokenizer = open_clip.get_tokenizer(tokenizer)
     stream = ShardStream(sources, batch_size=batch_size, image_size=image_size, num_samples=num_samples, rank=rank,
                          world_size=world_size, workers=workers, seed=seed, resampled=resampled, scale=scale,
-                         tokenizer=tokenizer, shuffle_buffer=shuffle_buffer)
-    loader = TrainLoader(stream, workers, pin_memory)
+                         tokenizer=tokenizer, shuffle_buffer=shuffle_buffer, resize_on=resolve_resize_on(resize_on, device))
+    loader = TrainLoader(stream, workers, pin_memory, device=device)
     loader.set_epoch(epoch)
     return loader
 

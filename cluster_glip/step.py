@@ -57,13 +57,16 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
     "open_clip_train's `exclude` rule: biases, norms, gains (ndim < 2) and the logit scale get no weight decay."
     return param.ndim < 2 or 'bn' in name or 'ln' in name or 'bias' in name or 'logit_scale' in name
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6):
-    """AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay. On a GPU
-    the fused kernel (one launch for all parameters; 4 % off a ViT-B/16 step on an H100)."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.2, betas=(0.9, 0.98), eps: float = 1e-6,
+                   fused: bool | None = True):
+    """AdamW over `model`'s trainable parameters in two groups: decayed weights, and the rest without decay. `fused`:
+    torch's fused kernel where the parameters' device has one (CUDA and the CPU: 4 % off a ViT-B/16 step on an H100,
+    the update 5× faster on this project's CPU); None: torch's default implementation, as open_clip_train builds it."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{'params': [p for n, p in named if no_weight_decay(n, p)], 'weight_decay': 0.0},
               {'params': [p for n, p in named if not no_weight_decay(n, p)], 'weight_decay': weight_decay}]
-    fused = all(p.is_cuda for _, p in named) or None
+    kernels = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+    fused = (fused and all(p.device.type in kernels for _, p in named)) or None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 # %% ../nbs/05a_step.ipynb #3d0230a6

@@ -306,19 +306,19 @@ def text_options(cfg: TrainConfig) -> dict:
     native = open_clip.get_model_config(cfg.model)['text_cfg'].get('context_length', 77)
     return {'tokenizer': ReducedTokenizer(cfg.text_length or native, cfg.text_reduction)}
 
-def _phase_loader(cfg: TrainConfig, phase: str, native_size: int, image_size: int | None = None):
+def _phase_loader(cfg: TrainConfig, phase: str, native_size: int, image_size: int | None = None, device=None):
     batch_size = cfg.batch_size if phase == 'main' else cfg.tune_batch_size or cfg.batch_size
     image_size = image_size or _phase_image_size(cfg, phase, native_size)
     return train_loader(cfg.train_data, batch_size=batch_size, image_size=image_size, num_samples=cfg.train_num_samples,
-                        workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), **text_options(cfg), **cfg.data)
+                        workers=cfg.workers, seed=derived_seed(cfg.seed, 'data', phase), device=device, **text_options(cfg), **cfg.data)
 
-def phase_loaders(cfg: TrainConfig, native_size: int) -> tuple[dict, Schedule]:
-    "One loader per phase ({'main': ..., 'tune': ...} when there is a tuning phase) and the phases' lengths."
-    loaders = {'main': _phase_loader(cfg, 'main', native_size)}
+def phase_loaders(cfg: TrainConfig, native_size: int, device=None) -> tuple[dict, Schedule]:
+    "One loader per phase ({'main': ..., 'tune': ...} when there is a tuning phase), its batches for `device`, and the phases' lengths."
+    loaders = {'main': _phase_loader(cfg, 'main', native_size, device=device)}
     main_steps = cfg.steps or max(1, round(cfg.epochs * len(loaders['main']) / cfg.accum_steps))
     tune_steps = cfg.tune_steps
     if cfg.tune_steps or cfg.tune_epochs:
-        loaders['tune'] = _phase_loader(cfg, 'tune', native_size)
+        loaders['tune'] = _phase_loader(cfg, 'tune', native_size, device=device)
         tune_steps = cfg.tune_steps or max(1, round(cfg.tune_epochs * len(loaders['tune']) / cfg.accum_steps))
     return loaders, Schedule(main_steps, tune_steps, {p: _phase_image_size(cfg, p, native_size) for p in loaders},
                              resolution_steps(cfg.resolution_schedule, main_steps))
@@ -427,7 +427,8 @@ def start_phase(phase: str, cfg: TrainConfig, model: nn.Module, masker, optimize
     model.masker = masker if phase == 'main' else PatchMasker('none', patch_size=masker.patch_size)
     size = schedule.size(state.step)
     resized = _resize_model(model, optimizer, size)
-    loaders[phase] = loader_for_size(loaders[phase], size, lambda px: _phase_loader(cfg, phase, px, image_size=px))
+    remake = lambda px: _phase_loader(cfg, phase, px, image_size=px, device=loaders[phase].device)
+    loaders[phase] = loader_for_size(loaders[phase], size, remake)
     if starts and phase == 'tune':
         if cfg.tune_optimizer == 'fresh':
             optimizer = make_optimizer(model, cfg.tune_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -474,7 +475,7 @@ def train(config: TrainConfig | str | Path | dict, eval_fn=None) -> dict:
         masker = model.masker
         seed_everything(derived_seed(cfg.seed, 'process', env.rank))  # own streams per process; masks seeded per step
         mask_generators = [torch.Generator(env.device) for _ in range(cfg.accum_steps)]
-        loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0])
+        loaders, schedule = phase_loaders(cfg, native_size=model.visual.image_size[0], device=env.device)
         state, resumed = (RunState(), None) if resume_from is None else \
             resume_run(resume_from, cfg, env, model, optimizer, scaler, loaders, schedule)
         log = MetricsLog(out_dir, enabled=env.is_main, resume_step=None if resume_from is None else state.step)

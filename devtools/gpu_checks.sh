@@ -9,7 +9,10 @@
 #   part=train      a cluster-masked ViT-B/16 training run (bf16, 8 loader workers) on synthetic shards, then its resume
 #   part=bench      `cluster_glip bench` for ViT-B/16 at batch 256 in bf16, against open_clip's trainer
 #   part=compiled   the same for four settings with the step compiled (--compile)
-#   part=text       CLIPA's shorter texts: the step at 77 / 32 / 16 / 8 text tokens (ViT-B/16, batch 256, bf16)
+#   part=newer      the newer methods (#19) as step settings: CLIPA text lengths 32 / 16 / 8, SigLIP, PGS (ViT-B/16, batch 256, bf16)
+#   part=feed       the input path (#18): a loader worker's CPU per sample with the crops resized in the worker or on
+#                   the GPU, the GPU's share, nvJPEG decoding, on img2dataset-style photo shards; then a random-50 %
+#                   compiled ViT-B/16 run fed by 4 workers, resized in the workers and on the GPU (samples/s in the logs)
 #   part=textured   the textured_scenes study's GPU version (not a default part): its data, the budget rule measured
 #                   here (120 s of training per point), then 10 strategies x 5 seeds of ViT-S-sized towers, bf16
 set -uo pipefail
@@ -45,9 +48,19 @@ bench)
 compiled)
   cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,random-0.5,random-0.75,cluster-0.5 \
      --compare '' --no_feed --compile --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_compiled" 2>&1 | tee "$OUT/bench_compiled.log" ;;
-text)
-  cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,text-32,text-16,text-8 \
-     --compare '' --no_feed --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_text" 2>&1 | tee "$OUT/bench_text.log" ;;
+newer)
+  cg bench --model ViT-B-16 --batch 256 --precision amp_bf16 --settings none,text-32,text-16,text-8,siglip,pgs-0.5,cluster-0.5 \
+     --compare '' --no_feed --steps 10 --warmup 5 --repeats 5 --out "$OUT/bench_gpu_vitb16_newer" 2>&1 | tee "$OUT/bench_newer.log" ;;
+feed)
+  python3 nbs/benchmarks/loader_cpu.py --device cuda --repeats 3 --out "$OUT/loader_cpu_gpu.json" 2>&1 | tee "$OUT/feed.log"
+  python3 -c 'from cluster_glip.feed import write_photo_shards; write_photo_shards("/tmp/photos", 12000, shard_size=500)'
+  for where in loader device; do
+    cg train --config flip_cc12m_vitb16 --set train_data='/tmp/photos/{00000..00023}.tar' --set train_num_samples=12000 \
+      --set epochs=null --set steps=40 --set warmup=5 --set workers=4 --set precision=amp_bf16 --set compile=true \
+      --set data.resize_on=$where --set data.resampled=true --set log_every=10 --set checkpoint_every=1000 \
+      --set keep_last=1 --set progress_bar=false --set output_dir=/tmp/feed_$where ${FEED_SET:-} 2>&1 | tail -2
+    cp /tmp/feed_$where/metrics.jsonl "$OUT/feed_train_$where.jsonl"
+  done ;;
 textured)
   cg textured --out data/textured 2>&1 | tail -2
   budget=$(cg budget --config textured_gpu --budget 120 2>&1 | tee "$OUT/textured_budget.log" | tail -1)

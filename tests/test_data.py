@@ -231,3 +231,35 @@ def test_captions_and_pixels_agree_with_the_scene():
             x, y = int(obj['x']), int(obj['y'])
             centre = np.median(image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3), axis=0)
             assert nearest_colour(centre, cfg.colors) == obj['color'], (i, obj, centre)
+
+
+# ---------------------------------------------------------------- crops resized on the device (cluster_glip.pixels)
+
+def test_device_resize_changes_neither_samples_nor_counts_nor_resume(tmp_path):
+    """`resize_on='device'` (here the device is the CPU): the workers only cut the crops out; the same samples come in
+    the same order with the same fault counts and loader state, the images within rounding of Pillow's resize, and a
+    resume mid-epoch gives the uninterrupted batches bit for bit."""
+    for k in range(4): fault_shard(tmp_path / f'{k:05d}.tar', k)
+    write_shard_index(tmp_path, {f'{k:05d}.tar': USABLE_PER_SHARD for k in range(4)})
+    runs = {}
+    for resize_on in ('loader', 'device'):
+        loader = train_loader(tmp_path, batch_size=4, image_size=32, workers=2, seed=0, resize_on=resize_on, device='cpu')
+        runs[resize_on] = ([(images, texts) for images, texts in loader], loader.state_dict())
+    (on_loader, state_loader), (on_device, state_device) = runs['loader'], runs['device']
+    assert state_device == state_loader and sum(state_device['skipped'].values()) == 4 * (5 + 6)
+    assert len(on_device) == len(on_loader) == 8
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    for (a, ta), (b, tb) in zip(on_loader, on_device):
+        assert torch.equal(ta, tb) and a.shape == b.shape == (4, 3, 32, 32) and b.dtype == torch.float32
+        levels = (a - b).abs() * std * 255      # the gap in 8-bit levels
+        assert levels.mean() < 0.5 and levels.max() < 8
+    resumed = train_loader(tmp_path, batch_size=4, image_size=32, workers=2, seed=0, resize_on='device', device='cpu')
+    resumed.load_state_dict(dict(epoch=0, batch=3, skipped={}, repeated=0))
+    tail = [images for images, _ in resumed]
+    assert len(tail) == 5 and all(torch.equal(a, b) for a, (b, _) in zip(tail, on_device[3:]))
+
+
+def test_resize_on_is_checked_by_name(tmp_path):
+    clean_shards(tmp_path, n_shards=1, per_shard=4)
+    with pytest.raises(ValueError, match='resize_on must be one of auto, loader, device'):
+        train_loader(tmp_path, batch_size=2, image_size=32, workers=0, resize_on='gpu')
