@@ -3,7 +3,8 @@
 # Wheels of the packages the server lacks sit in .whl/ (and webdataset 0.2.86 for open_clip's trainer in .whl0286/),
 # fetched where pip works with: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r devtools/gpu_wheels.txt
-# (the server's image already has torch, numpy, pandas, seaborn, scikit-learn, pytest, ...);
+# (the server's image already has torch, numpy, scipy, pandas, seaborn, scikit-learn, pytest, ...; scikit-image, whose
+# wheel bundles the photographs the feed and textured parts cut their samples from, comes from .whl);
 # logs go to $OUT (default runs/gpu_checks).
 #   part=notebooks  every notebook with `#| cuda` cells, run with the cuda flag, plus the CUDA pytest tests
 #   part=train      a cluster-masked ViT-B/16 training run (bf16, 8 loader workers) on synthetic shards, then its resume
