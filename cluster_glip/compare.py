@@ -24,6 +24,7 @@ from .bench import (DEFAULT_SETTINGS, SCHEMA, BenchSetting, _fmt, add_ratios, ch
                                 comparison_table, machine_info, measure_settings, model_geometry, package_version,
                                 paired_speedup, parse_setting, patch_dropout_of, settings_table, split_settings)
 from .config import OPEN_CLIP_PRECISIONS, load_config, open_clip_precision
+from .pixels import resolve_resize_on
 from .shards import train_loader
 from .synthetic import SynthConfig, write_synthetic_shards
 from .model import forward_gflops
@@ -202,11 +203,12 @@ def compare_with_open_clip(model: str, shards: str, settings, rows: list[dict], 
 
 # %% ../nbs/09a_compare.ipynb #cda7c7e6
 def loader_throughput(urls, *, image_size: int = 224, batch_size: int = 64, n_batches: int = 20, warmup: int = 2,
-                      workers: int = 1, scale=(0.9, 1.0), seed: int = 0) -> dict:
-    "Samples per second (and per worker) that `train_loader` delivers, timed over `n_batches` after `warmup` batches."
+                      workers: int = 1, scale=(0.9, 1.0), seed: int = 0, device=None) -> dict:
+    """Samples per second (and per worker) that `train_loader` delivers to `device`, timed over `n_batches` after
+    `warmup` batches (on a GPU the crops are resized there, as the trainer does: `resize_on='auto'`)."""
     per_worker = math.ceil((warmup + n_batches) / max(1, workers)) + 1
     loader = train_loader(urls, batch_size=batch_size, image_size=image_size, resampled=True, workers=workers, seed=seed,
-                          num_samples=per_worker * batch_size * max(1, workers), scale=scale)
+                          num_samples=per_worker * batch_size * max(1, workers), scale=scale, device=device)
     batches = iter(loader)
     for _ in range(warmup): next(batches)
     start, samples = time.perf_counter(), 0
@@ -214,7 +216,8 @@ def loader_throughput(urls, *, image_size: int = 224, batch_size: int = 64, n_ba
     seconds = time.perf_counter() - start
     del batches, loader
     return dict(samples_per_s=samples / seconds, samples_per_s_per_worker=samples / seconds / max(1, workers),
-                workers=workers, batch_size=batch_size, image_size=image_size, batches=n_batches, seconds=seconds)
+                workers=workers, batch_size=batch_size, image_size=image_size, batches=n_batches, seconds=seconds,
+                resize_on=resolve_resize_on('auto', device))
 
 # %% ../nbs/09a_compare.ipynb #fb383459
 ASSUMED_FEED = dict(mfu=0.4, peak_tflops=989.0, gpu='H100 SXM, bf16 dense')   # the default steps/s assumption without a GPU
@@ -233,12 +236,12 @@ def assumed_steps_per_s(batch: int, model: str = 'ViT-B-16', ratio: float = 0.5,
 # %% ../nbs/09a_compare.ipynb #37451e25
 def measure_feeding(work: Path, *, image_size: int = 224, batch: int = 64, n_batches: int = 5, warmup: int = 2,
                     steps_per_s: float | None = None, steps_source: str | None = None, feed_batch: int = 256,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, device=None) -> dict:
     "Samples/s per loader worker on 256 px synthetic shards cropped to `image_size`, and the workers a ViT-B/16 50 % run needs."
     shards = write_synthetic_shards(work / 'feed', 2 * batch, shard_size=batch, seed=seed, processes=1,
                                     cfg=SynthConfig(image_size=round(image_size * 256 / 224)))['shards']
     measured = loader_throughput(shards, image_size=image_size, batch_size=batch, n_batches=n_batches, warmup=warmup,
-                                 workers=1, seed=seed)
+                                 workers=1, seed=seed, device=device)
     if steps_per_s is None:
         steps_per_s = assumed_steps_per_s(feed_batch)
         steps_source = (f"assumed: {ASSUMED_FEED['mfu']:.0%} MFU of {ASSUMED_FEED['peak_tflops']:.0f} TFLOP/s "
@@ -247,7 +250,7 @@ def measure_feeding(work: Path, *, image_size: int = 224, batch: int = 64, n_bat
     return dict(image_size=image_size, loader_batch=batch, samples_per_s_per_worker=per_worker,
                 steps_per_s=steps_per_s, steps_per_s_source=steps_source or 'input', batch_per_gpu=feed_batch,
                 samples_per_s_needed=steps_per_s * feed_batch,
-                workers_needed=workers_needed(steps_per_s, feed_batch, per_worker),
+                workers_needed=workers_needed(steps_per_s, feed_batch, per_worker), resize_on=measured['resize_on'],
                 note="per worker on this machine's CPU cores; a GPU server's cores decode at their own speed")
 
 def _feeding(rows: list[dict], model: str, batch: int, device: torch.device, work: Path, feed_steps_per_s: float | None,
@@ -256,7 +259,7 @@ def _feeding(rows: list[dict], model: str, batch: int, device: torch.device, wor
     measured = {r['setting']: r for r in rows}.get('random-0.5') if model == 'ViT-B-16' and device.type == 'cuda' else None
     return measure_feeding(work, steps_per_s=measured['samples_per_s'] / batch if measured else feed_steps_per_s,
                            steps_source='measured here (the random-0.5 row)' if measured else None,
-                           feed_batch=batch if measured else feed_batch, seed=seed)
+                           feed_batch=batch if measured else feed_batch, seed=seed, device=device)
 
 # %% ../nbs/09a_compare.ipynb #f9f66bb0
 def format_report(result: dict) -> str:
@@ -274,7 +277,8 @@ def format_report(result: dict) -> str:
                   if c['open_clip_error']]
     if result['feeding']:
         f = result['feeding']
-        lines.append(f"\nfeeding: {f['samples_per_s_per_worker']:.0f} samples/s per worker ({f['image_size']} px); a ViT-B/16 50 % "
+        where = {'device': ', crops resized on the GPU', 'loader': ', crops resized in the worker'}.get(f.get('resize_on'), '')
+        lines.append(f"\nfeeding: {f['samples_per_s_per_worker']:.0f} samples/s per worker ({f['image_size']} px{where}); a ViT-B/16 50 % "
                      f"run at {f['steps_per_s']:.1f} steps/s × {f['batch_per_gpu']} ({f['steps_per_s_source']}) needs "
                      f"{f['samples_per_s_needed']:.0f} samples/s = {f['workers_needed']} workers per GPU")
     lines += ['\ntargets:'] + [f"  [{t['status']}] {t['target']}: {t['measured']}" for t in result['targets']]
