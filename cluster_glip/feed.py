@@ -15,9 +15,8 @@ import torch
 from PIL import Image
 
 from .formats import write_tar
-from .pixels import crop_canvas, images_from_crops, normalize_pixels
-from .shards import (RandomResizedCrop, decode_sample, expand_sources, iter_shard, shard_pattern, train_loader,
-                                 write_shard_index)
+from .pixels import RandomResizedCrop, crop_canvas, images_from_crops, normalize_pixels
+from .shards import decode_sample, expand_sources, iter_shard, shard_pattern, train_loader, write_shard_index
 
 # %% auto #0
 __all__ = ['PHOTOGRAPHS', 'photograph', 'img2dataset_border', 'write_photo_shards', 'worker_cpu_seconds', 'device_seconds',
