@@ -5,7 +5,7 @@
 # %% ../nbs/09b_feed.ipynb #dc5456e5
 from __future__ import annotations
 
-import io, json, os, platform, random, statistics, time
+import io, json, os, random, statistics, time
 from collections import Counter
 from pathlib import Path
 
@@ -14,13 +14,14 @@ import open_clip
 import torch
 from PIL import Image
 
+from .bench import machine_info, time_calls
 from .formats import write_tar
 from .pixels import RandomResizedCrop, crop_canvas, images_from_crops, normalize_pixels
 from .shards import decode_sample, expand_sources, iter_shard, shard_pattern, train_loader, write_shard_index
 
 # %% auto #0
 __all__ = ['PHOTOGRAPHS', 'photograph', 'img2dataset_border', 'write_photo_shards', 'worker_cpu_seconds', 'device_seconds',
-           'stage_seconds', 'gpu_decode_seconds', 'machine', 'feed_benchmark', 'gpu_step_rates']
+           'stage_seconds', 'gpu_decode_seconds', 'feed_benchmark', 'gpu_step_rates']
 
 # %% ../nbs/09b_feed.ipynb #58f23db5
 PHOTOGRAPHS = {   # (module, loader, caption): scikit-image's and scikit-learn's bundled photographs
@@ -103,13 +104,7 @@ def device_seconds(shards: str, *, image_size: int = 224, batch_size: int = 64, 
                           num_samples=batch_size, resize_on='device', shuffle_buffer=batch_size)
     canvas, sizes, *_ = next(iter(loader.stream))
     canvas, sizes = canvas.to(device), sizes.to(device)
-    times = []
-    for _ in range(repeats + 1):
-        if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        images_from_crops(canvas, sizes, image_size)
-        if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [time_calls(lambda: images_from_crops(canvas, sizes, image_size), 1, device) for _ in range(repeats + 1)]
     return statistics.median(times[1:]) / batch_size
 
 # %% ../nbs/09b_feed.ipynb #85ed4303
@@ -129,13 +124,8 @@ def stage_seconds(shards: str, *, image_size: int = 224, n: int = 64, repeats: i
         'cut out (uint8 canvas)': lambda: crop_canvas([image.crop((l, t, l + w, t + h)) for (image, _), (t, l, h, w) in zip(decoded, boxes)]),
         'tokenise': lambda: tokenizer([caption for _, caption in decoded]),
     }
-    out = {}
-    for name, work in stages.items():
-        best = float('inf')
-        for _ in range(repeats):
-            start = time.process_time(); work(); best = min(best, time.process_time() - start)
-        out[name] = best / len(raw)
-    return out
+    return {name: min(time_calls(work, 1, clock=time.process_time) for _ in range(repeats)) / len(raw)
+            for name, work in stages.items()}
 
 # %% ../nbs/09b_feed.ipynb #d063f055
 def gpu_decode_seconds(shards: str, *, n: int = 256, repeats: int = 5, device='cuda') -> float:
@@ -143,29 +133,17 @@ def gpu_decode_seconds(shards: str, *, n: int = 256, repeats: int = 5, device='c
     from torchvision.io import decode_jpeg
     raw = [s for _, s in zip(range(n), iter_shard(expand_sources(shards)[0].shards[0], Counter()))]
     data = [torch.frombuffer(bytearray(s['jpg']), dtype=torch.uint8) for s in raw]
-    times = []
-    for _ in range(repeats + 1):
-        torch.cuda.synchronize(device); start = time.perf_counter()
-        decode_jpeg(data, device=device)
-        torch.cuda.synchronize(device); times.append(time.perf_counter() - start)
+    times = [time_calls(lambda: decode_jpeg(data, device=device), 1, device) for _ in range(repeats + 1)]
     return statistics.median(times[1:]) / len(data)
 
 # %% ../nbs/09b_feed.ipynb #045ced08
-def machine() -> dict:
-    "This machine, for the benchmark's record."
-    cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), None) \
-        if Path('/proc/cpuinfo').exists() else None
-    return dict(cpu=cpu or platform.processor(), cores=os.cpu_count(), platform=platform.platform(),
-                python=platform.python_version(), torch=torch.__version__, pillow=Image.__version__,
-                load_average_at_start=os.getloadavg())
-
 def feed_benchmark(work, *, n: int = 2000, repeats: int = 5, batch_size: int = 64, batches: int = 8, image_size: int = 224,
                    gpu_rates: dict | None = None, device='cpu', say=print) -> dict:
     "Loader CPU seconds per sample with the crops resized in the worker and on the device, alternating; a dict for JSON."
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        info, start = machine(), time.perf_counter()
+        info, start = dict(machine_info(device), pillow=Image.__version__), time.perf_counter()
         shards = write_photo_shards(Path(work) / 'photos', n, shard_size=500)['shards']
         say(f'{n} photo samples written in {time.perf_counter() - start:.0f} s')
         runs = {'loader': [], 'device': []}
